@@ -1,0 +1,78 @@
+"""Read an HF `config.json` and normalise the fields whose spelling changed between transformers 4 and 5.
+
+Hub checkpoints (transformers 4 era) carry top-level `rope_theta`, `partial_rotary_factor` and
+`torch_dtype`; transformers 5 writes `rope_parameters` and `dtype`. Families read both through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFConfigError(ValueError):
+    """An HF config that is missing, unreadable or not supported (names the file and the field)."""
+
+
+def config_path(path: str) -> str:
+    """`path` may be a model directory or a `config.json` file."""
+    candidate = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(candidate):
+        raise HFConfigError(f"no HF config at {path!r} (expected a directory with config.json, or the file)")
+    return candidate
+
+
+def load_config(path: str) -> dict[str, Any]:
+    file = config_path(path)
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise HFConfigError(f"cannot read HF config {file}: {e}") from e
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise HFConfigError(f"{file} has no 'model_type'; is it an HF model config?")
+    return config
+
+
+def require(config: dict[str, Any], key: str) -> Any:
+    if key not in config or config[key] is None:
+        raise HFConfigError(f"HF config ({config.get('model_type')}) lacks required field {key!r}")
+    return config[key]
+
+
+def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta, partial_rotary_factor, rope_type and scaling fields, from either config style."""
+    params = dict(config.get("rope_parameters") or {})
+    legacy_scaling = config.get("rope_scaling") or {}
+    for key, value in legacy_scaling.items():
+        params.setdefault("rope_type" if key == "type" else key, value)
+    if "rope_theta" in config and config["rope_theta"] is not None:
+        params.setdefault("rope_theta", config["rope_theta"])
+    if "partial_rotary_factor" in config and config["partial_rotary_factor"] is not None:
+        params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
+    params.setdefault("rope_theta", 10000.0)
+    params.setdefault("partial_rotary_factor", 1.0)
+    params.setdefault("rope_type", "default")
+    return params
+
+
+def dtype(config: dict[str, Any], default: torch.dtype = torch.float32) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype")
+    if name is None:
+        return default
+    name = str(name).replace("torch.", "")
+    if name not in _DTYPES:
+        raise HFConfigError(f"HF config dtype {name!r} is not supported (one of {sorted(_DTYPES)})")
+    return _DTYPES[name]
+
+
+def dtype_name(value: torch.dtype) -> str:
+    for name, candidate in _DTYPES.items():
+        if candidate == value:
+            return name
+    raise HFConfigError(f"dtype {value} has no HF name")

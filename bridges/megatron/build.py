@@ -1,0 +1,135 @@
+"""Build a Megatron-Core GPT model (MoE, MTP) for this rank from an architecture and a parallel layout.
+
+Used by training (recipes/) and by offline conversion checks (bridges.verify). Knows nothing of
+Hugging Face: model families translate their configs into a `GPTArchitecture` (bridges/models/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from bridges.megatron import cpu_runtime
+from bridges.megatron.layout import ParallelLayout
+
+
+@dataclass(frozen=True)
+class GPTArchitecture:
+    """Everything that fixes the shapes and the maths of a Megatron GPT model."""
+
+    transformer: dict[str, Any]  # architecture kwargs of megatron.core TransformerConfig
+    vocab_size: int
+    max_position_embeddings: int
+    rotary_percent: float = 1.0
+    rotary_base: float = 10000.0
+    tie_word_embeddings: bool = False
+    mtp_num_layers: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific facts (not for Megatron)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.transformer["num_layers"])
+
+    @property
+    def num_experts(self) -> int | None:
+        return self.transformer.get("num_moe_experts")
+
+    def without_mtp(self) -> "GPTArchitecture":
+        return replace(self, mtp_num_layers=0)
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Megatron splits the vocabulary evenly over TP ranks: pad to a multiple of tp (no more,
+    so the padded logits, zero after import, stay as few as possible)."""
+    return -(-vocab_size // tp) * tp
+
+
+def transformer_config(
+    arch: GPTArchitecture,
+    layout: ParallelLayout,
+    params_dtype: torch.dtype = torch.float32,
+    mtp_loss_scaling_factor: float = 0.1,
+    overrides: dict[str, Any] | None = None,
+):
+    from megatron.core.transformer import TransformerConfig
+
+    kwargs = dict(arch.transformer)
+    kwargs.update(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        # Megatron requires sequence parallelism for MoE with TP > 1.
+        sequence_parallel=layout.tp > 1,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        mtp_num_layers=arch.mtp_num_layers or None,
+        mtp_loss_scaling_factor=mtp_loss_scaling_factor,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    if kwargs.get("num_moe_experts"):
+        kwargs.setdefault("moe_token_dispatcher_type", "alltoall")
+        kwargs.setdefault("moe_router_dtype", "fp32")
+        kwargs.setdefault("moe_grouped_gemm", torch.cuda.is_available())
+    kwargs.update(overrides or {})
+    return TransformerConfig(**cpu_runtime.adapt_config(kwargs))
+
+
+def build_gpt_model(
+    arch: GPTArchitecture,
+    layout: ParallelLayout,
+    params_dtype: torch.dtype = torch.float32,
+    mtp_loss_scaling_factor: float = 0.1,
+    overrides: dict[str, Any] | None = None,
+):
+    """The GPTModel for this rank's pipeline stage (parallel state must be initialised)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_mtp_block_spec,
+    )
+
+    cpu_runtime.enable()
+    config = transformer_config(arch, layout, params_dtype, mtp_loss_scaling_factor, overrides)
+    use_te = _transformer_engine_available()
+    block_spec = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_te, normalization=config.normalization
+    )
+    mtp_spec = None
+    if arch.mtp_num_layers:
+        mtp_spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_te)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec,
+        vocab_size=padded_vocab_size(arch.vocab_size, layout.tp),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=arch.rotary_percent,
+        rotary_base=int(arch.rotary_base) if float(arch.rotary_base).is_integer() else arch.rotary_base,
+        mtp_block_spec=mtp_spec,
+    )
+    return model
+
+
+def _transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:
+    """Megatron's boolean mask (True = masked); the local attention needs it explicitly."""
+    return torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool, device=device).triu(1)

@@ -1,0 +1,37 @@
+"""Megatron parallel state: initialise it for a layout once torch.distributed exists, and tear it down."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from bridges.megatron import cpu_runtime
+from bridges.megatron.layout import ParallelLayout
+
+
+def initialize(layout: ParallelLayout, seed: int = 1234) -> None:
+    """Create TP/PP/EP/expert-TP/DP groups and seed the model-parallel RNG streams."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    cpu_runtime.enable()
+    assert dist.is_initialized(), "torch.distributed must be initialised first"
+    layout.check(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        # On CPU the default groups already use gloo; extra gloo groups would only cost start-up time.
+        create_gloo_process_groups=torch.cuda.is_available(),
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()

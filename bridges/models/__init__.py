@@ -1,0 +1,18 @@
+"""Model families: one module each, holding config translation and the weight rule table."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from bridges.hf_config import HFConfigError
+from bridges.models import glm45
+
+FAMILIES: dict[str, ModuleType] = {glm45.MODEL_TYPE: glm45}
+
+
+def family_for(config: dict[str, Any]) -> ModuleType:
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise HFConfigError(f"model_type {model_type!r} is not supported (supported: {sorted(FAMILIES)})")
+    return FAMILIES[model_type]
