@@ -7,6 +7,8 @@ when CUDA is available, so GPU runs use Megatron-Core unchanged. Steps:
 - Transformer Engine's GEMM name, absent without TE, is defined as None for the MoE router;
 - the torch norm wrapper accepts sequence parallelism (needed for MoE with TP > 1) and marks
   its weights `sequence_parallel` so their gradients are reduced over the TP group;
+- the pipeline schedules' hard-coded `device="cuda"` allocations land on the CPU, and
+  `torch.cuda.synchronize()` (used around p2p) is a no-op;
 - `adapt_config` picks settings that have CPU implementations (allgather token dispatcher, no fusions).
 """
 
@@ -34,6 +36,7 @@ def enable() -> bool:
     _patch_rng_tracker()
     _patch_missing_kernel_names()
     _patch_torch_norm_for_sequence_parallel()
+    _patch_pipeline_schedules()
     _ENABLED = True
     return True
 
@@ -41,6 +44,7 @@ def enable() -> bool:
 def _patch_current_device() -> None:
     # Megatron allocates buffers with device=torch.cuda.current_device(); on CPU that is "cpu".
     torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
 
 
 class CpuRNGStatesTracker:
@@ -142,3 +146,20 @@ def adapt_config(kwargs: dict) -> dict:
     ):
         out[fused] = False
     return out
+
+
+class _TorchOnCpu:
+    """`torch` as seen by a module that allocates with device="cuda": those allocations go to the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
+def _patch_pipeline_schedules() -> None:
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchOnCpu()

@@ -1,0 +1,32 @@
+"""Rank 0 prints one line per logged training step and each validation result (no progress bar)."""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+
+
+class PrintProgress(pl.Callback):
+    def __init__(self, every_n_steps: int = 1):
+        self.every_n_steps = max(int(every_n_steps), 1)
+        self._start = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._start = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if trainer.global_rank != 0 or (step % self.every_n_steps and step != trainer.max_steps):
+            return
+        m = trainer.callback_metrics
+        parts = [f"step {step}/{trainer.max_steps}"]
+        for key in ("train/lm_loss", "train/mtp_loss", "lr"):
+            if key in m:
+                parts.append(f"{key.split('/')[-1]}={float(m[key]):.4g}")
+        parts.append(f"{time.monotonic() - self._start:.1f}s")
+        print("  ".join(parts), flush=True)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.global_rank == 0 and "val/lm_loss" in trainer.callback_metrics:
+            print(f"validation at step {trainer.global_step}: val/lm_loss={float(trainer.callback_metrics['val/lm_loss']):.6g}", flush=True)

@@ -1,0 +1,192 @@
+"""LightningModule for a Megatron-Core GPT model (MoE, MTP) defined by an HF `config.json`.
+
+The model is built in `configure_model` for this rank's parallel position; a training step runs
+Megatron's forward/backward schedule over the step's micro-batches (LM loss plus the MTP loss
+scaled by the recipe factor when MTP is on); validation reports the LM loss only.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+from bridges import hf_config
+from bridges.megatron import build
+from bridges.models import family_for
+from recipes.optim import MainGradAdamW, MegatronOptimizerAdapter, OptimConfig, lr_at
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MegatronGPTModule(pl.LightningModule):
+    def __init__(
+        self,
+        hf_config_path: str,
+        mtp_enabled: bool = True,
+        mtp_loss_factor: float = 0.1,
+        params_dtype: str = "fp32",
+        micro_batch_size: int = 2,
+        optim: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.hf_config_path = hf_config_path
+        self.source_hf_config = hf_config.load_config(hf_config_path)
+        self.family = family_for(self.source_hf_config)
+        arch = self.family.architecture(self.source_hf_config)
+        # MTP off: no MTP block is built and the layer count is cleared so nothing re-enables it.
+        self.arch = arch if mtp_enabled else arch.without_mtp()
+        self.mtp_loss_factor = mtp_loss_factor
+        if params_dtype not in _DTYPES:
+            raise ValueError(f"trainer precision / params_dtype must be one of {sorted(_DTYPES)}, got {params_dtype!r}")
+        self.params_dtype = _DTYPES[params_dtype]
+        self.micro_batch_size = micro_batch_size
+        self.optim_cfg = OptimConfig(**(optim or {}))
+        self.model = None
+        self.ddp_model = None
+        self._val_sums = None
+        self.last_metrics: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- construction
+    @property
+    def mtp_enabled(self) -> bool:
+        return self.arch.mtp_num_layers > 0
+
+    @property
+    def uses_megatron_optimizer(self) -> bool:
+        return torch.cuda.is_available()
+
+    @property
+    def layout(self):
+        return self.trainer.strategy.layout
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.layout.check(dist.get_world_size(), self.arch.num_experts or 0, self.arch.num_layers)
+        self.model = build.build_gpt_model(
+            self.arch, self.layout, self.params_dtype, mtp_loss_scaling_factor=self.mtp_loss_factor
+        )
+
+    def configure_optimizers(self):
+        if self.uses_megatron_optimizer:
+            return MegatronOptimizerAdapter(self.ddp_model, self.optim_cfg, self.params_dtype == torch.bfloat16)
+        return MainGradAdamW(self.model.parameters(), self.optim_cfg)
+
+    # ----------------------------------------------------------------- steps
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"]
+        inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        seq = inputs.shape[1]
+        loss_mask = batch["weight"].to(torch.float32)[:, None].expand(-1, seq).contiguous()
+        position_ids = torch.arange(seq, device=inputs.device).expand_as(inputs)
+        mask = build.causal_attention_mask(seq, device=inputs.device)
+        output = model(inputs, position_ids, mask, labels=labels, loss_mask=loss_mask)
+        return output, partial(_masked_loss, loss_mask)
+
+    def _run_schedule(self, batch, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        tokens = batch["tokens"]
+        micro = self.micro_batch_size
+        n_micro = tokens.shape[0] // micro
+        microbatches = [
+            {"tokens": tokens[i * micro : (i + 1) * micro], "weight": batch["weight"][i * micro : (i + 1) * micro]}
+            for i in range(n_micro)
+        ]
+        model = self.ddp_model if (self.ddp_model is not None and not forward_only) else self.model
+        return get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(microbatches),
+            model=[model],
+            num_microbatches=n_micro,
+            seq_length=tokens.shape[1] - 1,
+            micro_batch_size=micro,
+            forward_only=forward_only,
+        )
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        lr = lr_at(self.global_step, self.optim_cfg, self.trainer.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        self.ddp_model.zero_grad_buffer()
+        optimizer.zero_grad()
+        outputs = self._run_schedule(batch, forward_only=False)  # grads reduced by finalize_model_grads
+        optimizer.step()
+        loss_sum, tokens = _sum_outputs(outputs)
+        lm_loss = self._on_all_ranks(self._data_parallel_mean(loss_sum, tokens))
+        metrics = {"train/lm_loss": lm_loss, "lr": lr}
+        if self.mtp_enabled:
+            metrics["train/mtp_loss"] = self._on_all_ranks(self._mtp_loss(len(outputs) or 1))
+        self.log_dict(metrics, prog_bar=True, on_step=True, batch_size=batch["tokens"].shape[0])
+        self.last_metrics.update({k: float(v) for k, v in metrics.items() if k != "lr"})
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(2, dtype=torch.float64)
+
+    def validation_step(self, batch, batch_idx):
+        loss_sum, tokens = _sum_outputs(self._run_schedule(batch, forward_only=True))
+        self._val_sums += torch.tensor([loss_sum, tokens], dtype=torch.float64)
+
+    def on_validation_epoch_end(self) -> None:
+        # Mean next-token NLL over every validation token of every data-parallel rank.
+        val = self._on_all_ranks(self._data_parallel_mean(*self._val_sums.tolist()))
+        self.log("val/lm_loss", val, prog_bar=True, sync_dist=False)
+        self.last_metrics["val/lm_loss"] = float(val)
+
+    # ----------------------------------------------------------------- reductions
+    def _data_parallel_mean(self, loss_sum: float, tokens: float) -> float:
+        from megatron.core import parallel_state
+
+        if not parallel_state.is_pipeline_last_stage():
+            return 0.0
+        sums = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        return float(sums[0] / sums[1].clamp(min=1))
+
+    def _on_all_ranks(self, value: float) -> float:
+        """The last pipeline stage's value, on every stage (so any rank can log it)."""
+        from megatron.core import parallel_state
+
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(
+            t,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        return float(t[0])
+
+    def _mtp_loss(self, num_microbatches: int) -> float:
+        from megatron.core import parallel_state
+        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+        tracker = MTPLossLoggingHelper.tracker
+        if not parallel_state.is_pipeline_last_stage() or "values" not in tracker:
+            return 0.0
+        MTPLossLoggingHelper.reduce_loss_in_tracker()  # averages over data-parallel ranks
+        value = float(tracker["values"].mean()) / num_microbatches
+        MTPLossLoggingHelper.clean_loss_in_tracker()
+        return value
+
+
+def _masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Megatron loss contract: (summed loss, token count, values to report)."""
+    losses = per_token_loss.float() * loss_mask
+    total = losses.sum()
+    tokens = loss_mask.sum().to(torch.int)
+    return total, tokens, {"lm_loss": torch.stack([total.detach(), tokens.detach().float()])}
+
+
+def _sum_outputs(outputs) -> tuple[float, float]:
+    """Sum of per-token losses and token count over the step's micro-batches (last stage only)."""
+    loss_sum = sum(float(o["lm_loss"][0]) for o in outputs)
+    tokens = sum(float(o["lm_loss"][1]) for o in outputs)
+    return loss_sum, tokens

@@ -1,0 +1,128 @@
+"""Entry point: compose the Hydra config, build strategy + module + data + callbacks, then fit or validate.
+
+    python train.py recipe=glm45 trainer.max_steps=50 parallel.ep=2
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
+
+_PRECISIONS = {"fp32": ("fp32", "32-true"), "32": ("fp32", "32-true"), "bf16": ("bf16", "bf16-true")}
+
+
+def resolve_path(path: str) -> str:
+    """Paths in recipes are relative to the working directory, else to the project."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return os.path.abspath(path)
+    return os.path.join(PROJECT_DIR, path)
+
+
+def build_run(cfg: DictConfig):
+    """Everything a run needs, validated before any process is started."""
+    from hydra.utils import instantiate
+
+    from bridges.megatron.layout import ParallelLayout
+    from recipes.module import MegatronGPTModule
+    from recipes.strategy import MegatronStrategy
+
+    precision = str(cfg.trainer.precision)
+    if precision not in _PRECISIONS:
+        raise ValueError(f"trainer.precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    params_dtype, lightning_precision = _PRECISIONS[precision]
+
+    module = MegatronGPTModule(
+        hf_config_path=resolve_path(cfg.model.hf_config),
+        mtp_enabled=bool(cfg.mtp.enabled),
+        mtp_loss_factor=float(cfg.mtp.loss_factor),
+        params_dtype=params_dtype,
+        micro_batch_size=int(cfg.data.micro_batch_size),
+        optim=OmegaConf.to_container(cfg.optim),
+    )
+    layout = ParallelLayout(**OmegaConf.to_container(cfg.parallel))
+    world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+    layout.check(world_size, module.arch.num_experts or 0, module.arch.num_layers)
+
+    data = instantiate(cfg.data)
+    if data.path:
+        data.path = resolve_path(data.path)
+    data.vocab_size = module.arch.vocab_size
+    data.step_batch_size(layout.data_parallel_size(world_size))  # raises on sizes that do not divide
+    if data.kind == "tokens":
+        from recipes.data import load_token_file
+
+        load_token_file(data.path, data.seq_length, data.vocab_size)
+
+    strategy = MegatronStrategy(**OmegaConf.to_container(cfg.parallel), seed=int(cfg.seed))
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    trainer = instantiate(
+        cfg.trainer,
+        precision=lightning_precision,
+        strategy=strategy,
+        callbacks=callbacks,
+        logger=_logger(),
+        default_root_dir=_run_dir(),
+    )
+    return trainer, module, data
+
+
+def _run_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir
+
+
+def _logger():
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(_run_dir(), name="logs", version="")
+
+
+def quiet_libraries() -> None:
+    """Keep the console to our progress lines: library deprecation chatter and Megatron's
+    per-bucket parameter listings say nothing a user can act on."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("megatron", "megatron.core", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from lightning.pytorch import seed_everything
+
+    quiet_libraries()
+
+    from bridges.hf_config import HFConfigError
+    from bridges.megatron.layout import LayoutError
+    from recipes.data import DataConfigError
+
+    seed_everything(int(cfg.seed), verbose=False)
+    try:
+        trainer, module, data = build_run(cfg)
+    except (HFConfigError, LayoutError, DataConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    if cfg.mode == "fit":
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    elif cfg.mode == "validate":
+        trainer.validate(module, datamodule=data)
+    else:
+        print(f"error: mode must be 'fit' or 'validate', got {cfg.mode!r}", file=sys.stderr)
+        sys.exit(2)
+    if trainer.global_rank == 0:
+        print(f"outputs: {_run_dir()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
