@@ -64,6 +64,7 @@ def transformer_config(
         # Megatron requires sequence parallelism for MoE with TP > 1.
         sequence_parallel=layout.tp > 1,
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),

@@ -2,7 +2,8 @@
 
 Every CPU compatibility step for Megatron-Core lives here and nowhere else; `enable()` does nothing
 when CUDA is available, so GPU runs use Megatron-Core unchanged. Steps:
-- `torch.cuda.current_device()` answers "cpu" (Megatron allocates buffers on it);
+- `torch.cuda.current_device()` answers "cpu" (Megatron allocates buffers on it) and
+  `Tensor.cuda()` leaves a tensor on the CPU;
 - a CPU RNG tracker replaces the CUDA one (model-parallel / expert-parallel RNG streams);
 - Transformer Engine's GEMM name, absent without TE, is defined as None for the MoE router;
 - the torch norm wrapper accepts sequence parallelism (needed for MoE with TP > 1) and marks
@@ -45,6 +46,8 @@ def _patch_current_device() -> None:
     # Megatron allocates buffers with device=torch.cuda.current_device(); on CPU that is "cpu".
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    # e.g. the tied-embedding all-reduce between pipeline stages moves weights with `.cuda()`.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
 class CpuRNGStatesTracker:
