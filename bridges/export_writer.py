@@ -1,0 +1,219 @@
+"""Write HF safetensors files from the pieces each rank owns: every owner writes its bytes in place.
+
+A collective over a process group: all ranks agree on one file plan from metadata, rank 0 lays out the
+files, each rank pwrites its own pieces, rank 0 writes the index. The directory protocol (staging,
+rename, `latest`) is in bridges/export_dir.py. Never imports Lightning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bridges.export_coverage import check_coverage
+from bridges.export_plan import FilePlan, TensorSpecs, plan_files
+from bridges.piece_bytes import as_bytes, from_bytes, piece_nbytes, tensor_writes
+from bridges.pieces import Piece, PieceSpec, region_shape
+from bridges.rank_status import RankFailure, agree, exchange, global_rank, group_rank_and_size
+from bridges.safetensors_format import INDEX_FILE_NAME
+
+__all__ = ["write_checkpoint", "plan_files", "FilePlan", "RankFailure", "DEFAULT_MAX_SHARD_BYTES"]
+
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # "5GB", the shard size of most released checkpoints
+DEFAULT_BATCH_BYTES = 256 * 2**20  # gather mode: bytes a rank sends to rank 0 in one message
+
+
+def write_checkpoint(
+    local_pieces: Iterable[Piece],
+    tensor_specs: TensorSpecs,
+    out_dir: str,
+    group=None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+    mode: str = "owner",
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    fsync: bool = True,
+) -> FilePlan:
+    """Write `tensor_specs` (name -> (shape, dtype), the same on every rank) into `out_dir` as safetensors.
+
+    Every rank of `group` calls this with the pieces it holds; together they must cover every tensor
+    exactly once. mode="owner": each rank writes its own bytes (ranks share a filesystem);
+    mode="gather": pieces travel to rank 0 in batches of about `batch_bytes`, and rank 0 writes all.
+    Any failure raises RankFailure on every rank, naming the failing ranks and why.
+    """
+    if mode not in ("owner", "gather"):
+        raise ValueError(f"mode must be 'owner' or 'gather', got {mode!r}")
+    pieces = list(local_pieces)
+    rank, world = group_rank_and_size(group)
+    error = _attempt(_check_local_pieces, pieces)
+    gathered = exchange(([p.spec for p in pieces], _digest(tensor_specs, max_shard_bytes, metadata)), error,
+                        "export: checking local pieces", group)
+    _check_same_specs([digest for _, digest in gathered])
+    specs_by_rank = [specs for specs, _ in gathered]
+    check_coverage(tensor_specs, specs_by_rank)  # same inputs on every rank: same verdict
+    plan = plan_files(tensor_specs, max_shard_bytes, metadata)
+
+    agree(_attempt(_create_files, out_dir, plan) if rank == 0 else None, "export: creating files", group)
+    if mode == "owner" or world == 1:
+        error = _attempt(_write_pieces, out_dir, plan, pieces, fsync)
+    else:
+        error = _gather_and_write(out_dir, plan, pieces, specs_by_rank, group, batch_bytes, fsync)
+    agree(error, "export: writing tensor data", group)
+    agree(_attempt(_write_index, out_dir, plan) if rank == 0 else None, "export: writing the index", group)
+    return plan
+
+
+def _attempt(fn, *args) -> Exception | None:
+    try:
+        fn(*args)
+    except Exception as e:  # reported to every rank by the next agree()
+        return e
+    return None
+
+
+def _check_local_pieces(pieces: list[Piece]) -> None:
+    for piece in pieces:
+        spec, t = piece.spec, piece.tensor
+        if tuple(t.shape) != region_shape(spec.region) or t.dtype != spec.dtype:
+            raise ValueError(
+                f"piece of {spec.hf_name!r}: tensor is {tuple(t.shape)} {t.dtype}, "
+                f"its region {spec.region} needs {region_shape(spec.region)} {spec.dtype}"
+            )
+
+
+def _digest(tensor_specs: TensorSpecs, max_shard_bytes: int, metadata) -> str:
+    described = repr((sorted((n, tuple(s), str(d)) for n, (s, d) in tensor_specs.items()), max_shard_bytes,
+                      sorted((metadata or {}).items())))
+    return hashlib.sha256(described.encode()).hexdigest()
+
+
+def _check_same_specs(digests: list[str]) -> None:
+    if len(set(digests)) > 1:
+        groups = defaultdict(list)
+        for rank, digest in enumerate(digests):
+            groups[digest].append(rank)
+        raise ValueError(
+            "export: ranks disagree on tensor_specs, max_shard_bytes or metadata; ranks grouped by what they "
+            f"passed: {sorted(groups.values())}"
+        )
+
+
+def _create_files(out_dir: str, plan: FilePlan) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    for planned in plan.files:
+        fd = os.open(os.path.join(out_dir, planned.name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _pwrite_all(fd, memoryview(planned.header), 0)
+            os.ftruncate(fd, planned.size)  # sparse until the owners fill it
+        finally:
+            os.close(fd)
+
+
+def _write_pieces(out_dir: str, plan: FilePlan, pieces: list[Piece], fsync: bool) -> None:
+    by_file: dict[str, dict[str, list[Piece]]] = defaultdict(lambda: defaultdict(list))
+    for piece in pieces:
+        by_file[plan.slots[piece.spec.hf_name].file][piece.spec.hf_name].append(piece)
+    for file, tensors in sorted(by_file.items()):
+        path = os.path.join(out_dir, file)
+        try:
+            fd = os.open(path, os.O_WRONLY)  # never create: rank 0 did, on the filesystem all ranks share
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path} does not exist on this rank although rank 0 created it: owner-writes needs a shared "
+                f"filesystem (use mode='gather' otherwise)"
+            ) from None
+        try:
+            for name, tensor_pieces in sorted(tensors.items()):
+                slot = plan.slots[name]
+                for offset, data in tensor_writes(slot.offset, slot.shape, tensor_pieces):
+                    _pwrite_all(fd, data, offset)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = data.cast("B") if data.format != "B" else data
+    while len(data):  # pwrite may write less than asked (Linux caps one call near 2 GiB)
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _write_index(out_dir: str, plan: FilePlan) -> None:
+    path = os.path.join(out_dir, INDEX_FILE_NAME)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(plan.index_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _batches(specs: list[PieceSpec], batch_bytes: int) -> list[list[int]]:
+    """Consecutive pieces grouped up to `batch_bytes` (a bigger piece travels alone); same on both ends."""
+    batches: list[list[int]] = []
+    size = 0
+    for i, spec in enumerate(specs):
+        if not batches or size + piece_nbytes(spec) > batch_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(i)
+        size += piece_nbytes(spec)
+    return batches
+
+
+def _gather_and_write(out_dir, plan, pieces, specs_by_rank, group, batch_bytes, fsync) -> Exception | None:
+    """Ranks send their pieces to rank 0 in turn; rank 0 writes them all. Returns this rank's failure.
+
+    Every planned message is sent and received even after a failure, so no rank waits forever.
+    """
+    rank, world = group_rank_and_size(group)
+    error = None
+    if rank == 0:
+        error = _attempt(_write_pieces, out_dir, plan, pieces, False)
+        for source in range(1, world):
+            specs = specs_by_rank[source]
+            for batch in _batches(specs, batch_bytes):
+                buf = torch.empty(sum(piece_nbytes(specs[i]) for i in batch), dtype=torch.uint8)
+                dist.recv(buf, src=global_rank(group, source), group=group)
+                if error is None:
+                    error = _attempt(_write_pieces, out_dir, plan, _unpack([specs[i] for i in batch], buf), False)
+        if fsync and error is None:
+            error = _attempt(_fsync_files, out_dir, plan)
+    else:
+        for batch in _batches([p.spec for p in pieces], batch_bytes):
+            try:
+                buf = torch.from_numpy(_pack([pieces[i] for i in batch]))
+            except Exception as e:
+                error = error or e
+                buf = torch.zeros(sum(piece_nbytes(pieces[i].spec) for i in batch), dtype=torch.uint8)
+            dist.send(buf, dst=global_rank(group, 0), group=group)
+    return error
+
+
+def _pack(pieces: list[Piece]) -> np.ndarray:
+    return np.concatenate([as_bytes(p.tensor) for p in pieces])
+
+
+def _unpack(specs: list[PieceSpec], buf: torch.Tensor) -> list[Piece]:
+    pieces, at = [], 0
+    for spec in specs:
+        size = piece_nbytes(spec)
+        pieces.append(from_bytes(spec, buf[at : at + size]))
+        at += size
+    return pieces
+
+
+def _fsync_files(out_dir: str, plan: FilePlan) -> None:
+    for planned in plan.files:
+        fd = os.open(os.path.join(out_dir, planned.name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
