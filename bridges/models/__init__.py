@@ -16,3 +16,10 @@ def family_for(config: dict[str, Any]) -> ModuleType:
     if model_type not in FAMILIES:
         raise HFConfigError(f"model_type {model_type!r} is not supported (supported: {sorted(FAMILIES)})")
     return FAMILIES[model_type]
+
+
+def family_module(family: str | ModuleType) -> ModuleType:
+    """A family given by module or by HF model_type."""
+    if isinstance(family, ModuleType):
+        return family
+    return family_for({"model_type": family})

@@ -1,4 +1,4 @@
-"""GLM-4.5 (`glm4_moe`): HF config <-> Megatron architecture.
+"""GLM-4.5 (`glm4_moe`): HF config <-> Megatron architecture, and the weight rule table.
 
 Dense first `first_k_dense_replace` layers, then MoE layers with routed + shared experts, a sigmoid
 router with expert bias (`e_score_correction_bias`) and normalised, scaled top-k, QKV bias, optional
@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 
 from bridges import hf_config as hfc
+from bridges.local_params import EMBEDDING, MTP_INNER, OUTPUT
 from bridges.megatron.build import GPTArchitecture
+from bridges.rules import Ignore, Rule, RuleSet, down, fused_expert, fused_gated_expert, gate_up, qkv, same
+from bridges.sharding import COLUMN, ROW, vocab_parallel
 
 MODEL_TYPE = "glm4_moe"
 
@@ -130,3 +134,125 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
 
 # transformers 4 spellings replaced by `rope_parameters` / `dtype` on export.
 _LEGACY_KEYS = {"rope_theta", "partial_rotary_factor", "rope_scaling", "torch_dtype"}
+
+
+# ---- weights: HF tensors <-> Megatron parameters -------------------------------------------------
+
+PER_EXPERT = "per_expert"  # model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight (hub, save_pretrained)
+FUSED = "fused"  # model.layers.L.mlp.experts.gate_up_proj [E, 2I, H] and down_proj [E, H, I]
+EXPERT_LAYOUTS = (PER_EXPERT, FUSED)
+
+
+def detect_expert_layout(hf_names) -> str:
+    """Which expert layout a checkpoint holds (per-expert when it has no fused expert tensor)."""
+    return FUSED if any(n.endswith(".mlp.experts.gate_up_proj") for n in hf_names) else PER_EXPERT
+
+
+def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
+    """The complete rule table of a GLM-4.5 model built as `arch` (global names, every layer)."""
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"glm4_moe: expert layout {expert_layout!r} is not one of {EXPERT_LAYOUTS}")
+    s = _Shapes(arch)
+    n, mtp = arch.num_layers, arch.mtp_num_layers
+    mtp_hf = [f"model.layers.{n + i}." for i in range(mtp)]
+    head_mirrors = tuple(h + "shared_head.head.weight" for h in mtp_hf)  # servers read the MTP head here
+    table = [
+        same(EMBEDDING, "model.embed_tokens.weight", s.vocab, vocab_parallel(arch.vocab_size),
+             mirrors=tuple(h + "embed_tokens.weight" for h in mtp_hf) + (head_mirrors if arch.tie_word_embeddings else ())),
+        same("decoder.final_layernorm.weight", "model.norm.weight", s.norm),
+    ]
+    if not arch.tie_word_embeddings:
+        table.append(same(OUTPUT, "lm_head.weight", s.vocab, vocab_parallel(arch.vocab_size), mirrors=head_mirrors))
+    moe_layer = arch.transformer["moe_layer_freq"]
+    for layer in range(n):
+        table += _layer(s, f"decoder.layers.{layer}.", f"model.layers.{layer}.", moe_layer[layer], expert_layout)
+    for i, h in enumerate(mtp_hf):
+        m = f"mtp.layers.{i}."
+        table += [
+            same(m + "enorm.weight",           h + "enorm.weight",            s.norm),
+            same(m + "hnorm.weight",           h + "hnorm.weight",            s.norm),
+            same(m + "eh_proj.weight",         h + "eh_proj.weight",          s.eh_proj, COLUMN),
+            same(m + "final_layernorm.weight", h + "shared_head.norm.weight", s.norm),
+        ]
+        # Megatron builds the MTP inner layer like the last decoder layer.
+        table += _layer(s, m + MTP_INNER + ".", h, moe_layer[-1], expert_layout)
+    ignored = [
+        Ignore(r"model\.layers\.(\d+)\..*", "MTP disabled" if not mtp else f"MTP layer not built (model has {mtp})",
+               when=lambda m: int(m[1]) >= n + mtp),
+    ]
+    if arch.tie_word_embeddings:
+        ignored.append(Ignore(r"lm_head\.weight", "tied to model.embed_tokens.weight"))
+    return RuleSet(table, ignored_hf=ignored)
+
+
+def _layer(s: "_Shapes", m: str, h: str, moe: bool, expert_layout: str) -> list[Rule]:
+    """One decoder layer: Megatron names under prefix `m`, HF names under prefix `h`."""
+    a = m + "self_attention."
+    table = [
+        same(m + "input_layernorm.weight",    h + "input_layernorm.weight",          s.norm),
+        qkv(a + "linear_qkv.weight", *(h + f"self_attn.{p}_proj.weight" for p in "qkv"), s.qkv_weight, s.head_dim),
+        same(a + "linear_proj.weight",        h + "self_attn.o_proj.weight",         s.o_proj, ROW),
+        same(m + "pre_mlp_layernorm.weight",  h + "post_attention_layernorm.weight", s.norm),
+    ]
+    if s.qkv_bias:
+        table.append(qkv(a + "linear_qkv.bias", *(h + f"self_attn.{p}_proj.bias" for p in "qkv"), s.qkv_bias, s.head_dim))
+    if s.qk_norm:
+        table += [
+            same(a + "q_layernorm.weight", h + "self_attn.q_norm.weight", s.head_norm),
+            same(a + "k_layernorm.weight", h + "self_attn.k_norm.weight", s.head_norm),
+        ]
+    if not moe:
+        return table + [
+            gate_up(m + "mlp.linear_fc1.weight", h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight", s.dense_up),
+            down(m + "mlp.linear_fc2.weight",    h + "mlp.down_proj.weight",                          s.dense_down),
+        ]
+    table += [
+        same(m + "mlp.router.weight",      h + "mlp.gate.weight",                  s.router),
+        # A buffer in Megatron, kept in fp32 by both sides (hub checkpoints store it as F32).
+        same(m + "mlp.router.expert_bias", h + "mlp.gate.e_score_correction_bias", s.expert_bias, dtype=torch.float32),
+    ]
+    if s.shared_up:
+        x, hx = m + "mlp.shared_experts.", h + "mlp.shared_experts."
+        table += [
+            gate_up(x + "linear_fc1.weight", hx + "gate_proj.weight", hx + "up_proj.weight", s.shared_up),
+            down(x + "linear_fc2.weight",    hx + "down_proj.weight",                        s.shared_down),
+        ]
+    for e in range(s.experts):
+        x, hx = m + f"mlp.experts.local_experts.{e}.", h + "mlp.experts."
+        if expert_layout == PER_EXPERT:
+            table += [
+                gate_up(x + "linear_fc1.weight", hx + f"{e}.gate_proj.weight", hx + f"{e}.up_proj.weight", s.expert_up, e),
+                down(x + "linear_fc2.weight",    hx + f"{e}.down_proj.weight",                             s.expert_down, e),
+            ]
+        else:
+            table += [
+                fused_gated_expert(x + "linear_fc1.weight", hx + "gate_up_proj", s.fused_gate_up, e),
+                fused_expert(x + "linear_fc2.weight",       hx + "down_proj",    s.fused_down, e),
+            ]
+    return table
+
+
+class _Shapes:
+    """HF tensor shapes of a GLM-4.5 architecture."""
+
+    def __init__(self, arch: GPTArchitecture):
+        t = arch.transformer
+        hidden, d = t["hidden_size"], t["kv_channels"]
+        q, kv = t["num_attention_heads"] * d, t["num_query_groups"] * d
+        dense, expert, shared = t["ffn_hidden_size"], t["moe_ffn_hidden_size"], t.get("moe_shared_expert_intermediate_size")
+        self.experts = t["num_moe_experts"]
+        self.head_dim = d
+        self.vocab = (arch.vocab_size, hidden)
+        self.norm = (hidden,)
+        self.head_norm = (d,)
+        self.qk_norm = t["qk_layernorm"]
+        self.qkv_weight = ((q, hidden), (kv, hidden), (kv, hidden))
+        self.qkv_bias = ((q,), (kv,), (kv,)) if t["add_qkv_bias"] else None
+        self.o_proj = (hidden, q)
+        self.eh_proj = (hidden, 2 * hidden)
+        self.dense_up, self.dense_down = (dense, hidden), (hidden, dense)
+        self.router, self.expert_bias = (self.experts, hidden), (self.experts,)
+        self.shared_up = (shared, hidden) if shared else None
+        self.shared_down = (hidden, shared) if shared else None
+        self.expert_up, self.expert_down = (expert, hidden), (hidden, expert)
+        self.fused_gate_up, self.fused_down = (self.experts, 2 * expert, hidden), (self.experts, hidden, expert)
