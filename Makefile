@@ -28,7 +28,7 @@ train: setup
 	$(PY) train.py recipe=glm45 $(ARGS)
 
 test: setup
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest -q tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun

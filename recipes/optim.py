@@ -31,9 +31,40 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def global_grad_norm(params) -> float:
+    """L2 norm of the whole model's gradient, identical on every rank.
+
+    Each gradient element counts once: TP-duplicated weights (norms) only on TP rank 0, tied
+    copies once; dense squares are summed over TP x PP, expert squares over expert-TP x EP x PP.
+    Clipping with a per-rank norm would scale data-parallel replicas differently.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    dense = torch.zeros((), dtype=torch.float64)
+    expert = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None or not param_is_not_shared(p):
+            continue
+        is_expert = not getattr(p, "allreduce", True)
+        if not is_expert and not param_is_not_tensor_parallel_duplicate(p):
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if is_expert:
+            expert += sq
+        else:
+            dense += sq
+    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
+        dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+    return float((dense + expert).sqrt())
+
+
 class MainGradAdamW(torch.optim.AdamW):
-    """AdamW reading Megatron DDP's reduced gradients from `param.main_grad`, with norm clipping
-    (the norm is taken over this rank's parameters, which are the ones it updates)."""
+    """AdamW reading Megatron DDP's reduced gradients from `param.main_grad`, with clipping by the
+    global gradient norm (the same factor on every rank)."""
 
     def __init__(self, params, cfg: OptimConfig):
         super().__init__(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -47,7 +78,11 @@ class MainGradAdamW(torch.optim.AdamW):
             if main_grad is not None:
                 p.grad = main_grad.to(p.dtype)
         if self.clip_grad:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.clip_grad)
+            norm = global_grad_norm(params)
+            if norm > self.clip_grad:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(self.clip_grad / (norm + 1e-6))
         return super().step(closure)
 
 

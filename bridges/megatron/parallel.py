@@ -27,6 +27,9 @@ def initialize(layout: ParallelLayout, seed: int = 1234) -> None:
         # On CPU the default groups already use gloo; extra gloo groups would only cost start-up time.
         create_gloo_process_groups=torch.cuda.is_available(),
     )
+    # As Megatron's training does: one default-generator seed per pipeline stage, so data-parallel
+    # replicas initialise identically; named streams for TP / EP randomness.
+    torch.manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
     model_parallel_cuda_manual_seed(seed)
 
 
