@@ -30,6 +30,13 @@ class ParallelLayout:
         for name, value in (("tp", self.tp), ("pp", self.pp), ("ep", self.ep), ("etp", self.expert_tp)):
             if value < 1:
                 raise LayoutError(f"parallel.{name} must be >= 1, got {value}")
+        # num_experts: None when unknown here, 0 for a dense model.
+        if num_experts == 0 and self.ep > 1:
+            raise LayoutError(f"parallel.ep={self.ep} needs an MoE model, this model has no experts")
+        if num_experts and num_experts % self.ep:
+            raise LayoutError(f"parallel.ep={self.ep} does not divide the expert count {num_experts}")
+        if num_layers is not None and num_layers % self.pp:
+            raise LayoutError(f"parallel.pp={self.pp} does not divide the layer count {num_layers}")
         if world_size % (self.tp * self.pp):
             raise LayoutError(
                 f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {self.tp} x {self.pp}"
@@ -39,10 +46,3 @@ class ParallelLayout:
                 f"world size {world_size} is not divisible by parallel.etp x parallel.ep x parallel.pp = "
                 f"{self.expert_tp} x {self.ep} x {self.pp}"
             )
-        # num_experts: None when unknown here, 0 for a dense model.
-        if num_experts == 0 and self.ep > 1:
-            raise LayoutError(f"parallel.ep={self.ep} needs an MoE model, this model has no experts")
-        if num_experts and num_experts % self.ep:
-            raise LayoutError(f"parallel.ep={self.ep} does not divide the expert count {num_experts}")
-        if num_layers is not None and num_layers % self.pp:
-            raise LayoutError(f"parallel.pp={self.pp} does not divide the layer count {num_layers}")
