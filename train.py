@@ -13,6 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 
+# `${if_null:a,b}`: a unless it is null, else b (recipes default model.hf_config to the import source).
+OmegaConf.register_new_resolver("if_null", lambda value, default: default if value is None else value, replace=True)
+
 _PRECISIONS = {"fp32": ("fp32", "32-true"), "32": ("fp32", "32-true"), "bf16": ("bf16", "bf16-true")}
 
 
@@ -59,7 +62,8 @@ def build_run(cfg: DictConfig):
         load_token_file(data.path, data.seq_length, data.vocab_size)
 
     strategy = MegatronStrategy(**OmegaConf.to_container(cfg.parallel), seed=int(cfg.seed))
-    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    nodes = [cfg.get("hf_import"), cfg.get("hf_export"), *(cfg.get("callbacks") or {}).values()]
+    callbacks = [instantiate(node) for node in nodes if node]
     trainer = instantiate(
         cfg.trainer,
         precision=lightning_precision,
@@ -122,6 +126,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     if trainer.global_rank == 0:
         print(f"outputs: {_run_dir()}", flush=True)
+        exports = os.path.join(_run_dir(), "hf")
+        if os.path.isdir(exports):
+            print(f"hf exports: {exports}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,13 @@ from __future__ import annotations
 import time
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    """One console line from rank 0 (library loggers are kept quiet by train.py)."""
+    print(message, flush=True)
 
 
 class PrintProgress(pl.Callback):

@@ -41,13 +41,15 @@ class DataParallelSampler(Sampler[int]):
     """This data-parallel rank's share of the rows, padded to whole steps on every rank."""
 
     def __init__(self, num_rows: int, dp_rank: int, dp_size: int, step_batch: int, shuffle: bool,
-                 drop_last: bool, seed: int):
+                 drop_last: bool, seed: int, skip_steps: int = 0):
         self.num_rows, self.dp_rank, self.dp_size = num_rows, dp_rank, dp_size
         self.step_batch, self.shuffle, self.drop_last, self.seed = step_batch, shuffle, drop_last, seed
         self.epoch = 0
-        per_step = step_batch * dp_size
-        steps = num_rows // per_step if drop_last else -(-num_rows // per_step)
-        self.total = steps * per_step
+        self.per_step = step_batch * dp_size
+        steps = num_rows // self.per_step if drop_last else -(-num_rows // self.per_step)
+        self.total = steps * self.per_step
+        # A resumed run continues where its first epoch stopped (skipped once, in epoch 0 only).
+        self.skip_steps = skip_steps % max(steps, 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -59,10 +61,13 @@ class DataParallelSampler(Sampler[int]):
         else:
             order = list(range(self.num_rows))
         order = order[: self.total] + list(range(self.num_rows, self.num_rows + self.total - len(order[: self.total])))
+        if self.epoch == 0:
+            order = order[self.skip_steps * self.per_step :]
         return iter(order[self.dp_rank :: self.dp_size])
 
     def __len__(self) -> int:
-        return self.total // self.dp_size
+        skipped = self.skip_steps * self.per_step if self.epoch == 0 else 0
+        return (self.total - skipped) // self.dp_size
 
 
 def synthetic_tokens(num_samples: int, seq_length: int, vocab_size: int, seed: int, split: int = 0) -> np.ndarray:
@@ -130,6 +135,7 @@ class TokenDataModule(pl.LightningDataModule):
         self.global_batch_size = global_batch_size
         self.num_samples, self.val_samples, self.seed = num_samples, val_samples, seed
         self.vocab_size: int | None = None  # set by the module before setup
+        self.consumed_samples = 0  # set when a run continues from an export (hf_import)
 
     def step_batch_size(self, dp_size: int) -> int:
         """Samples per optimizer step on one data-parallel rank."""
@@ -153,14 +159,16 @@ class TokenDataModule(pl.LightningDataModule):
             self.train_tokens = synthetic_tokens(self.num_samples, self.seq_length, self.vocab_size, self.seed)
             self.val_tokens = synthetic_tokens(self.val_samples, self.seq_length, self.vocab_size, self.seed, split=1)
 
-    def _loader(self, tokens, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, tokens, shuffle: bool, drop_last: bool, skip_steps: int = 0) -> DataLoader:
         dp_rank, dp_size = _data_parallel_rank_and_size()
         step_batch = self.step_batch_size(dp_size)
-        sampler = DataParallelSampler(len(tokens), dp_rank, dp_size, step_batch, shuffle, drop_last, self.seed)
+        sampler = DataParallelSampler(len(tokens), dp_rank, dp_size, step_batch, shuffle, drop_last, self.seed,
+                                      skip_steps)
         return DataLoader(TokenDataset(tokens), batch_size=step_batch, sampler=sampler, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_tokens, shuffle=True, drop_last=True)
+        skip = self.consumed_samples // self.global_batch_size
+        return self._loader(self.train_tokens, shuffle=True, drop_last=True, skip_steps=skip)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_tokens, shuffle=False, drop_last=False)

@@ -1,0 +1,245 @@
+"""HFExportCallback: write HF checkpoints every N steps and at the end, while training goes on.
+
+At an export step every rank snapshots the HF pieces it owns (its experts, its pipeline stage's layers,
+its TP shard; one data-parallel replica) into host memory and returns to training; a background thread
+then writes them straight into the final safetensors files over a process group of its own, and rank 0
+adds config, tokenizer files and trainer state. The directory is written under a staging name and
+renamed into place only when complete. Decisions use step counts only, so every rank agrees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
+
+from bridges import export_dir
+from bridges.export import export_pieces, hf_tensor_specs
+from bridges.export_writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
+from bridges.hf_config import dtype_name
+from bridges.pieces import Piece, PieceSpec, full_region
+from bridges.rank_status import agree
+from bridges.safetensors_io import SafetensorsCheckpoint
+from callbacks.progress import say
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+class HFExportError(RuntimeError):
+    """An export failed on some rank (all ranks agree on it); the previous complete export is untouched."""
+
+
+@dataclass
+class _Job:
+    step: int
+    final: str
+    pieces: list[Piece]
+    specs: dict
+    config: dict
+    trainer_state: dict
+    companions: list[str]
+    snapshot_seconds: float
+    started: float
+    error: BaseException | None = None
+    seconds: float = 0.0
+    nbytes: int = 0
+
+
+class HFExportCallback(pl.Callback):
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_train_steps: int | None = None,
+        save_last: bool = True,
+        keep_last_k: int | None = None,
+        dtype: str | None = None,
+        async_write: bool = True,
+        mtp_passthrough: bool = False,
+        mode: str = "owner",
+        on_error: str = "raise",
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        recipe: str | None = None,
+    ):
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"hf_export.on_error must be 'raise' or 'warn', got {on_error!r}")
+        if mode not in ("owner", "gather"):
+            raise ValueError(f"hf_export.mode must be 'owner' or 'gather', got {mode!r}")
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"hf_export.dtype must be one of {sorted(_DTYPES)} or null, got {dtype!r}")
+        if keep_last_k is not None and keep_last_k < 1:
+            raise ValueError(f"hf_export.keep_last_k must be >= 1 or null, got {keep_last_k}")
+        self.dirpath = dirpath
+        self.every_n_train_steps = every_n_train_steps or 0
+        self.save_last = save_last
+        self.keep_last_k = keep_last_k
+        self.dtype = _DTYPES[dtype] if dtype else None
+        self.async_write = async_write
+        self.mtp_passthrough = mtp_passthrough
+        self.mode = mode
+        self.on_error = on_error
+        self.max_shard_bytes = max_shard_bytes
+        self.recipe = recipe
+        self._group = None
+        self._thread: threading.Thread | None = None
+        self._job: _Job | None = None
+        self._exported_steps: set[int] = set()
+        self.history: list[dict] = []  # one entry per finished export (rank-local timings)
+
+    # ----------------------------------------------------------------- Lightning hooks
+    def on_fit_start(self, trainer, pl_module):
+        self.dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "hf")
+        # Writing collectives run beside training: a group of their own, created by every rank.
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        if trainer.global_rank == 0:
+            os.makedirs(self.dirpath, exist_ok=True)
+            export_dir.clean_stale_staging(self.dirpath)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
+            self.export(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.save_last and trainer.global_step > 0:
+            self.export(trainer, pl_module)
+        self._finish_pending(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if self._thread is not None:
+            self._thread.join(timeout=300)
+
+    # ----------------------------------------------------------------- export
+    def export(self, trainer, pl_module) -> None:
+        """Export the current weights as `<dirpath>/step_<global_step>` (collective: every rank calls it)."""
+        step = trainer.global_step
+        if step in self._exported_steps:
+            return
+        self._exported_steps.add(step)
+        blocked_from = time.monotonic()
+        self._finish_pending(trainer)
+        final = os.path.join(self.dirpath, export_dir.export_name(step))
+        if os.path.isdir(final) and export_dir.is_complete(final):
+            say(f"hf_export: {final} already exists (a previous run); not exported again")
+            return
+        job = self._snapshot(trainer, pl_module, step, final)
+        if self.async_write:
+            self._job = job
+            self._thread = threading.Thread(target=self._write, args=(job, trainer.global_rank), daemon=True)
+            self._thread.start()
+        else:
+            self._write(job, trainer.global_rank)
+            self._job = job
+        stall = time.monotonic() - blocked_from
+        self._log(trainer, {"hf_export/stall_seconds": stall}, step)
+        if not self.async_write:
+            self._finish_pending(trainer)
+
+    def _snapshot(self, trainer, pl_module, step: int, final: str) -> _Job:
+        """Host copies of the pieces this rank writes, plus everything rank 0 adds to the directory."""
+        start = time.monotonic()
+        source = getattr(pl_module, "hf_source", None)
+        dtype = self.dtype or (source.dtype if source else pl_module.params_dtype)
+        layout = source.expert_layout if source else None
+        arch = pl_module.arch
+        specs = hf_tensor_specs(pl_module.family, arch, dtype, layout)
+        pieces = list(export_pieces([pl_module.model], pl_module.family, arch, dtype, layout))
+        config_arch = arch
+        if self.mtp_passthrough and not pl_module.mtp_enabled and source and source.mtp_tensors:
+            # MTP off in this run: carry the source's MTP tensors through unchanged, keep its count.
+            config_arch = arch.__class__(**{**arch.__dict__, "mtp_num_layers": source.config.get("num_nextn_predict_layers", 0)})
+            reader = SafetensorsCheckpoint(source.path)
+            for name in source.mtp_tensors:
+                specs[name] = (tuple(reader.shape(name)), reader.dtype(name))
+                if trainer.global_rank == 0:
+                    tensor = reader.read(name)
+                    pieces.append(Piece(PieceSpec(name, tuple(tensor.shape), tensor.dtype, full_region(tuple(tensor.shape))), tensor))
+        config = pl_module.family.hf_config(config_arch, source.config if source else None, dtype)
+        datamodule = trainer.datamodule
+        gbs = getattr(datamodule, "global_batch_size", None)
+        layout_info = trainer.strategy.layout
+        trainer_state = {
+            "global_step": step,
+            "consumed_samples": step * gbs if gbs else None,
+            "recipe": self.recipe,
+            "parallel": {"tp": layout_info.tp, "pp": layout_info.pp, "ep": layout_info.ep, "etp": layout_info.expert_tp,
+                         "world_size": trainer.world_size},
+            "dtype": dtype_name(dtype),
+            "mtp_enabled": pl_module.mtp_enabled,
+            "import_source": source.path if source else None,
+        }
+        companions = source.companion_files() if source else []
+        now = time.monotonic()
+        return _Job(step, final, pieces, specs, config, trainer_state, companions, now - start, now)
+
+    def _write(self, job: _Job, global_rank: int) -> None:
+        """Collective over the export group; records the outcome in the job (agreed by all ranks)."""
+        staging = export_dir.staging_dir(job.final)
+        try:
+            if global_rank == 0 and os.path.exists(staging):
+                shutil.rmtree(staging)
+            plan = write_checkpoint(job.pieces, job.specs, staging, group=self._group,
+                                    max_shard_bytes=self.max_shard_bytes, mode=self.mode)
+            job.nbytes = sum(p.tensor.numel() * p.tensor.element_size() for p in job.pieces)
+            job.pieces = []  # release host memory as soon as the bytes are on disk
+            job.seconds = time.monotonic() - job.started + job.snapshot_seconds
+            error = None
+            if global_rank == 0:
+                try:
+                    self._finalize(job, staging)
+                except Exception as e:  # agreed below, so no rank waits for rank 0
+                    error = e
+            agree(error, "export: writing config and publishing", self._group)
+            del plan
+        except BaseException as e:
+            job.error = e
+            job.pieces = []
+            if global_rank == 0 and os.path.exists(staging):
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _finalize(self, job: _Job, staging: str) -> None:
+        _write_json(os.path.join(staging, "config.json"), job.config)
+        for path in job.companions:
+            shutil.copy2(path, os.path.join(staging, os.path.basename(path)))
+        _write_json(os.path.join(staging, "trainer_state.json"), {**job.trainer_state, "export_seconds": job.seconds})
+        export_dir.publish(staging, job.final)
+        root, name = os.path.split(job.final)
+        export_dir.update_latest(root, name)
+        if self.keep_last_k:
+            export_dir.prune(root, self.keep_last_k)
+
+    def _finish_pending(self, trainer) -> None:
+        """Wait for the previous export; report it, and fail (or warn) if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        job, self._job = self._job, None
+        if job is None:
+            return
+        if job.error is not None:
+            message = f"HF export of step {job.step} to {job.final} failed: {job.error}"
+            if self.on_error == "warn":
+                rank_zero_warn(message + " (training continues: hf_export.on_error=warn)")
+                return
+            raise HFExportError(message) from job.error
+        self.history.append({"step": job.step, "seconds": job.seconds, "bytes": job.nbytes, "path": job.final})
+        self._log(trainer, {"hf_export/seconds": job.seconds, "hf_export/bytes": float(job.nbytes)}, job.step)
+        say(f"hf_export: step {job.step} -> {job.final} ({job.seconds:.2f}s)")
+
+    def _log(self, trainer, metrics: dict, step: int) -> None:
+        if trainer.global_rank == 0 and trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=step)
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
