@@ -55,6 +55,9 @@ def byte_runs(shape: tuple[int, ...], region: Region, itemsize: int) -> tuple[np
         if s.stop - s.start != shape[inner]:
             break  # a partial dim ends the run: the next one out repeats it with gaps
     base = sum(region[d].start * strides[d] for d in range(inner, len(shape)))
+    if all(region[d].stop - region[d].start == 1 for d in range(inner)):  # one run: skip the arrays
+        base += sum(region[d].start * strides[d] for d in range(inner))
+        return np.array([base * itemsize], dtype=np.int64), np.array([run * itemsize], dtype=np.int64)
     offsets = np.full((), base, dtype=np.int64)
     for d in range(inner):
         s = region[d]

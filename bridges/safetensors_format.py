@@ -56,7 +56,7 @@ class SafetensorsFormatError(ValueError):
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -29,6 +29,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # numpy has no bfloat16/float8: data is copied as unsigned ints of the same width, then viewed.
 _RAW = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+# Smaller regions are copied: each mapped result costs one of the kernel's ~65k maps per process.
+MIN_MAPPED_BYTES = 1 << 20
 
 
 class CheckpointError(ValueError):
@@ -42,7 +44,7 @@ class PickleWeightsRefused(CheckpointError):
 class SafetensorsCheckpoint:
     """`HFSource` over a directory of .safetensors files (sharded with an index, or not).
 
-    `bytes_read` counts tensor bytes copied out of the files (the OS may read whole pages around them).
+    `bytes_read` adds up the sizes of the regions read (the OS reads whole pages around them).
     """
 
     def __init__(self, directory: str):
@@ -51,7 +53,6 @@ class SafetensorsCheckpoint:
         self.directory = directory
         self._headers: dict[str, FileHeader] = {}
         self._entries: dict[str, TensorEntry] = {}
-        self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self.bytes_read = 0
         paths = _weight_files(directory)
@@ -92,57 +93,49 @@ class SafetensorsCheckpoint:
     # --- data ---
 
     def read(self, name: str, region: Region | None = None) -> torch.Tensor:
-        """The values of `region` of tensor `name` (the whole tensor when None), as a new tensor."""
+        """The values of `region` of tensor `name` (the whole tensor when None).
+
+        A region of at least MIN_MAPPED_BYTES that is one contiguous run (a whole tensor, a block of
+        leading rows) comes back as a private copy-on-write map of its bytes: no copy, pages are read
+        when first touched, and writing to it reaches neither the file nor other results. Other
+        regions are copied.
+        """
         entry = self.header(name)
         region = full_region(entry.shape) if region is None else tuple(region)
         check_region(entry.shape, region, f"{entry.path}: tensor {name!r}")
         item = itemsize(entry.dtype)
         offsets, lengths = byte_runs(entry.shape, region, item)
-        out = torch.empty(int(lengths.sum()), dtype=torch.uint8)
-        if len(offsets) == 0:
-            pass  # an empty region
-        elif len(offsets) == 1:
-            self._pread_into(entry.path, out.numpy(), entry.begin + int(offsets[0]))
+        size = int(lengths.sum())
+        self.bytes_read += size
+        start = entry.begin + int(offsets[0]) if len(offsets) else 0
+        if len(offsets) == 1 and start % item == 0 and size >= MIN_MAPPED_BYTES:
+            flat = _private_view(entry.path, start, size)
         else:
-            self._copy_strided(entry, region, item, out.numpy())
-        self.bytes_read += out.numel()
-        return out.view(entry.dtype).reshape(region_shape(region))
+            flat = torch.empty(size, dtype=torch.uint8)
+            if size:
+                self._copy_region(entry, region, item, flat.numpy())
+        return flat.view(entry.dtype).reshape(region_shape(region))
 
-    def _pread_into(self, path: str, buf: np.ndarray, offset: int) -> None:
-        fd = self._fd(path)
-        view = memoryview(buf).cast("B")
-        done = 0
-        while done < len(view):  # Linux caps one read at ~2 GiB
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done}")
-            done += n
-
-    def _copy_strided(self, entry: TensorEntry, region: Region, item: int, out: np.ndarray) -> None:
-        # Many runs: let numpy walk the mapped file; only the pages under the region are touched.
+    def _copy_region(self, entry: TensorEntry, region: Region, item: int, out: np.ndarray) -> None:
+        # numpy walks the mapped file; only the pages under the region are read.
         count = entry.nbytes // item
         mapped = np.frombuffer(self._map(entry.path), dtype=_RAW[item], count=count, offset=entry.begin)
         view = mapped.reshape(entry.shape)[region]
         out.view(_RAW[item]).reshape(view.shape)[...] = view
-        del mapped, view  # no view may outlive the map
-
-    def _fd(self, path: str) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
 
     def _map(self, path: str) -> mmap.mmap:
         if path not in self._maps:
-            self._maps[path] = mmap.mmap(self._fd(path), 0, access=mmap.ACCESS_READ)
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[path]
 
     def close(self) -> None:
         for m in self._maps.values():
-            m.close()
-        for fd in self._fds.values():
-            os.close(fd)
+            try:
+                m.close()
+            except BufferError:  # a view is still alive (an exception's frame): freed with it
+                pass
         self._maps.clear()
-        self._fds.clear()
 
     def __enter__(self) -> "SafetensorsCheckpoint":
         return self
@@ -164,6 +157,15 @@ class SafetensorsCheckpoint:
                 f"{index_path}: {len(unlisted)} tensors are in the files but not in the index, "
                 f"e.g. {unlisted[0]!r} in {self._entries[unlisted[0]].path}"
             )
+
+
+def _private_view(path: str, offset: int, size: int) -> torch.Tensor:
+    """`size` bytes at `offset` as a uint8 tensor over a map of its own: copy-on-write, so writes to one
+    result never reach the file nor any other result. The map lives as long as the tensor."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps begin on a granularity boundary
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), offset + size - start, access=mmap.ACCESS_COPY, offset=start)
+    return torch.frombuffer(mapped, dtype=torch.uint8, count=size, offset=offset - start)
 
 
 def _weight_files(directory: str) -> list[str]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from bridges import safetensors_io
 from bridges.safetensors_format import SafetensorsFormatError, read_header
 from bridges.safetensors_io import CheckpointError, PickleWeightsRefused, SafetensorsCheckpoint
 
@@ -88,7 +89,9 @@ def _bits(t):
     return t.reshape(-1).view(torch.uint8)
 
 
-def test_regions_read_equal_slices_of_load_file(tmp_path):
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "copied"])
+def test_regions_read_equal_slices_of_load_file(tmp_path, monkeypatch, mapped):
+    monkeypatch.setattr(safetensors_io, "MIN_MAPPED_BYTES", 0 if mapped else 1 << 40)
     written, _ = _sharded(tmp_path)
     expected = {}
     for file in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
@@ -158,3 +161,16 @@ def test_without_index_reads_single_file_or_all_files(tmp_path):
     save_file({"only": torch.ones(2)}, str(tmp_path / "model.safetensors"))
     with SafetensorsCheckpoint(str(tmp_path)) as ckpt:
         assert ckpt.keys() == ["only"]
+
+
+def test_mapped_reads_are_private_and_outlive_close(tmp_path, monkeypatch):
+    monkeypatch.setattr(safetensors_io, "MIN_MAPPED_BYTES", 0)
+    _sharded(tmp_path)
+    file = tmp_path / "model-00001-of-00002.safetensors"
+    before = file.read_bytes()
+    with SafetensorsCheckpoint(str(tmp_path)) as ckpt:
+        whole, rows = ckpt.read("a"), ckpt.read("a", (slice(1, 2, 1), slice(0, 8, 1), slice(0, 10, 1)))
+    expected = load_file(str(file))["a"]
+    whole.mul_(2)  # copy-on-write: the file and other readers never see it
+    assert file.read_bytes() == before
+    assert torch.equal(rows, expected[1:2]) and torch.equal(whole, expected * 2)
