@@ -43,6 +43,13 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
     shared = int(config.get("n_shared_experts") or 0)
     moe_ffn = int(req("moe_intermediate_size"))
     n_group = int(config.get("n_group") or 1)
+    topk, topk_group = int(req("num_experts_per_tok")), int(config.get("topk_group") or 1)
+    if n_group > 1 and topk // topk_group != 2:
+        # HF scores a group by its top-2 experts, Megatron by its top (topk / topk_group).
+        raise hfc.HFConfigError(
+            f"glm4_moe: n_group={n_group} needs num_experts_per_tok / topk_group == 2 (Megatron's group "
+            f"score), got {topk} / {topk_group}"
+        )
     transformer = dict(
         num_layers=num_layers,
         hidden_size=hidden,
@@ -62,13 +69,13 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
         moe_ffn_hidden_size=moe_ffn,
         moe_shared_expert_intermediate_size=shared * moe_ffn if shared else None,
         moe_layer_freq=[0] * first_dense + [1] * (num_layers - first_dense),
-        moe_router_topk=int(req("num_experts_per_tok")),
+        moe_router_topk=topk,
         moe_router_score_function="sigmoid",
         moe_router_enable_expert_bias=True,
         moe_router_pre_softmax=False,
         moe_router_topk_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
         moe_router_num_groups=n_group if n_group > 1 else None,
-        moe_router_group_topk=int(config.get("topk_group") or 1) if n_group > 1 else None,
+        moe_router_group_topk=topk_group if n_group > 1 else None,
         # GLM-4.5 balances experts with the bias update alone (no auxiliary loss).
         moe_router_load_balancing_type="none",
         moe_router_bias_update_rate=1e-3,

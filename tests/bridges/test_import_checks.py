@@ -1,0 +1,150 @@
+"""Import refuses a checkpoint that does not fit (missing, extra, mis-shaped, wrong-dtype tensors, config
+mismatch) naming the tensor and where it is, agrees on failure across ranks, and changes no parameter;
+MTP tensors are ignored with a reason when the model has no MTP, and differing MTP copies are reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.bridges.glm45_tiny import make_checkpoint
+from tests.launcher import run_distributed
+
+WHERE = "/ckpt/model-00001.safetensors"
+
+
+@pytest.fixture(scope="module")
+def directory(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("glm45") / "ckpt")
+    make_checkpoint(path)
+    return path
+
+
+def _tensors(directory):
+    from bridges.safetensors_io import SafetensorsCheckpoint
+
+    source = SafetensorsCheckpoint(directory)
+    return {name: source.read(name) for name in source.keys()}
+
+
+def _broken(tensors, case):
+    t = dict(tensors)
+    if case == "missing":
+        del t["model.layers.3.mlp.experts.5.up_proj.weight"]
+    elif case == "extra":
+        t["model.layers.1.mlp.surprise.weight"] = torch.zeros(3)
+    elif case == "shape":
+        t["model.layers.2.self_attn.k_proj.weight"] = torch.zeros(16, 48)
+    elif case == "dtype":
+        t["model.layers.0.mlp.down_proj.weight"] = t["model.layers.0.mlp.down_proj.weight"].to(torch.bfloat16)
+    return t
+
+
+def checks_world_1(directory):
+    """Every failure case on one rank; returns {case: (message, parameters unchanged)} and more."""
+    from bridges import hf_config as hfc
+    from bridges.export import export_pieces, hf_tensor_specs
+    from bridges.load import CheckpointMismatch, import_weights
+    from bridges.megatron import build, parallel
+    from bridges.megatron.layout import ParallelLayout
+    from bridges.models import glm45
+    from bridges.sources import DictSource
+
+    config = hfc.load_config(directory)
+    arch = glm45.architecture(config)
+    parallel.initialize(ParallelLayout())
+    model = build.build_gpt_model(arch, ParallelLayout())
+    before = {n: t.clone() for n, t in model.state_dict().items() if torch.is_tensor(t)}
+    tensors = _tensors(directory)
+    out = {}
+    for case in ("missing", "extra", "shape", "dtype", "config"):
+        source = DictSource(_broken(tensors, case), where=WHERE)
+        bad_config = dict(config, routed_scaling_factor=1.0) if case == "config" else config
+        try:
+            import_weights([model], glm45, arch, source, config=bad_config)
+            message = None
+        except CheckpointMismatch as e:
+            message = str(e)
+        unchanged = all(torch.equal(t, before[n]) for n, t in model.state_dict().items() if torch.is_tensor(t))
+        out[case] = (message, unchanged)
+
+    # Mirrors: a differing MTP copy of the embedding is reported, not fatal.
+    mirrored = dict(tensors)
+    mirrored["model.layers.4.embed_tokens.weight"] = mirrored["model.layers.4.embed_tokens.weight"] + 1
+    out["mirror"] = import_weights([model], glm45, arch, DictSource(mirrored, where=WHERE)).warnings
+
+    # MTP off: the source's MTP layer is ignored with a reason and not exported.
+    no_mtp = arch.without_mtp()
+    parallel.initialize(ParallelLayout())
+    plain = build.build_gpt_model(no_mtp, ParallelLayout())
+    report = import_weights([plain], glm45, no_mtp, DictSource(tensors, where=WHERE))
+    exported = {p.spec.hf_name for p in export_pieces([plain], glm45, no_mtp)}
+    out["mtp_off"] = (report.ignored, exported, set(hf_tensor_specs(glm45, no_mtp, torch.bfloat16)))
+    return out
+
+
+def agreement_world_2(directory):
+    """Only rank 1's source is broken: both ranks must raise, and neither may change a parameter."""
+    from bridges import hf_config as hfc
+    from bridges.load import CheckpointMismatch, import_weights
+    from bridges.megatron import build, parallel
+    from bridges.megatron.layout import ParallelLayout
+    from bridges.models import glm45
+    from bridges.sources import DictSource
+
+    arch = glm45.architecture(hfc.load_config(directory))
+    parallel.initialize(ParallelLayout(ep=2))
+    model = build.build_gpt_model(arch, ParallelLayout(ep=2))
+    before = {n: t.clone() for n, t in model.state_dict().items() if torch.is_tensor(t)}
+    tensors = _tensors(directory)
+    if torch.distributed.get_rank() == 1:
+        tensors = _broken(tensors, "shape")
+    try:
+        import_weights([model], glm45, arch, DictSource(tensors, where=WHERE))
+        message = None
+    except CheckpointMismatch as e:
+        message = str(e)
+    return message, all(torch.equal(t, before[n]) for n, t in model.state_dict().items() if torch.is_tensor(t))
+
+
+@pytest.fixture(scope="module")
+def world_1(directory):
+    return run_distributed(1, checks_world_1, directory)[0]
+
+
+@pytest.mark.parametrize(
+    "case, names",
+    [
+        ("missing", ["model.layers.3.mlp.experts.5.up_proj.weight: missing in " + WHERE]),
+        ("extra", ["model.layers.1.mlp.surprise.weight (" + WHERE + "): unexpected tensor"]),
+        ("shape", ["model.layers.2.self_attn.k_proj.weight (" + WHERE + "): expected shape (32, 48), found (16, 48)"]),
+        ("dtype", ["model.layers.0.mlp.down_proj.weight (" + WHERE + "): expected dtype torch.float32, found torch.bfloat16"]),
+        ("config", ["config.json moe_router_topk_scaling_factor: checkpoint has 1.0, model has 2.5"]),
+    ],
+)
+def test_bad_checkpoint_is_refused_and_nothing_changes(world_1, case, names):
+    message, unchanged = world_1[case]
+    assert message is not None, f"{case}: import did not fail"
+    for name in names:
+        assert name in message
+    assert unchanged, f"{case}: a parameter changed although the import failed"
+
+
+def test_differing_mtp_copy_is_reported(world_1):
+    assert any("model.layers.4.embed_tokens.weight" in w and "differs" in w for w in world_1["mirror"])
+
+
+def test_mtp_tensors_ignored_when_mtp_is_off(world_1):
+    ignored, exported, specs = world_1["mtp_off"]
+    mtp = {n for n in ignored if n.startswith("model.layers.4.")}
+    assert mtp and all(ignored[n] == "MTP disabled" for n in mtp) and set(ignored) == mtp
+    assert not any(n.startswith("model.layers.4.") for n in exported | specs)
+    assert exported == specs
+
+
+def test_failure_on_one_rank_fails_every_rank(directory):
+    results = run_distributed(2, agreement_world_2, directory)
+    (message_0, unchanged_0), (message_1, unchanged_1) = results
+    assert message_1 is not None and "k_proj.weight" in message_1
+    assert message_0 is not None and "another rank" in message_0
+    assert unchanged_0 and unchanged_1
