@@ -13,9 +13,8 @@ import torch
 
 from bridges.pieces import Piece, PieceSpec, region_shape
 from bridges.regions import bounding_box, byte_runs, numel
-from bridges.safetensors_format import itemsize
+from bridges.safetensors_format import itemsize, raw_numpy_dtype
 
-_RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def as_bytes(tensor: torch.Tensor) -> np.ndarray:
@@ -60,11 +59,12 @@ def _merged_writes(offset: int, shape: tuple[int, ...], box, pieces: list[Piece]
     """Scatter the pieces into their bounding box, then write the box's runs where some piece has data."""
     item = itemsize(pieces[0].spec.dtype)
     box_shape = region_shape(box)
-    values = np.empty(box_shape, dtype=_RAW[item])
+    raw = raw_numpy_dtype(item)
+    values = np.empty(box_shape, dtype=raw)
     present = np.zeros(box_shape, dtype=bool)
     for piece in pieces:
         inside = tuple(slice(s.start - b.start, s.stop - b.start, s.step) for s, b in zip(piece.spec.region, box))
-        values[inside] = as_bytes(piece.tensor).view(_RAW[item]).reshape(region_shape(piece.spec.region))
+        values[inside] = as_bytes(piece.tensor).view(raw).reshape(region_shape(piece.spec.region))
         present[inside] = True
     box_starts, box_lengths = byte_runs(shape, box, item)
     # Each run of the box is a row of `present`; within it, write each stretch of present elements.

@@ -12,6 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # safetensors dtype name -> torch dtype; the float8 kinds only where this torch has them.
@@ -57,6 +58,11 @@ class SafetensorsFormatError(ValueError):
 
 def itemsize(dtype: torch.dtype) -> int:
     return dtype.itemsize
+
+
+def raw_numpy_dtype(size: int) -> np.dtype:
+    """An unsigned numpy type of `size` bytes: numpy lacks bfloat16 and float8, so bytes move as these."""
+    return np.dtype(f"u{size}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

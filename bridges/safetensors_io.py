@@ -22,13 +22,13 @@ from bridges.safetensors_format import (
     FileHeader,
     TensorEntry,
     itemsize,
+    raw_numpy_dtype,
     read_header,
 )
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # numpy has no bfloat16/float8: data is copied as unsigned ints of the same width, then viewed.
-_RAW = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 # Smaller regions are copied: each mapped result costs one of the kernel's ~65k maps per process.
 MIN_MAPPED_BYTES = 1 << 20
 
@@ -118,10 +118,10 @@ class SafetensorsCheckpoint:
 
     def _copy_region(self, entry: TensorEntry, region: Region, item: int, out: np.ndarray) -> None:
         # numpy walks the mapped file; only the pages under the region are read.
-        count = entry.nbytes // item
-        mapped = np.frombuffer(self._map(entry.path), dtype=_RAW[item], count=count, offset=entry.begin)
+        raw = raw_numpy_dtype(item)
+        mapped = np.frombuffer(self._map(entry.path), dtype=raw, count=entry.nbytes // item, offset=entry.begin)
         view = mapped.reshape(entry.shape)[region]
-        out.view(_RAW[item]).reshape(view.shape)[...] = view
+        out.view(raw).reshape(view.shape)[...] = view
 
     def _map(self, path: str) -> mmap.mmap:
         if path not in self._maps:
