@@ -75,6 +75,17 @@ def build_run(cfg: DictConfig):
     return trainer, module, data
 
 
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can act on (a bad checkpoint, a failed export): one message, no traceback."""
+    from bridges.load import CheckpointMismatch
+    from bridges.rank_status import RankFailure
+    from bridges.safetensors_format import SafetensorsFormatError
+    from bridges.safetensors_io import CheckpointError
+    from callbacks.hf_export import HFExportError
+
+    return (CheckpointMismatch, CheckpointError, SafetensorsFormatError, RankFailure, HFExportError)
+
+
 def _run_dir() -> str:
     from hydra.core.hydra_config import HydraConfig
 
@@ -117,13 +128,17 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    if cfg.mode == "fit":
-        trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
-    elif cfg.mode == "validate":
-        trainer.validate(module, datamodule=data)
-    else:
+    if cfg.mode not in ("fit", "validate"):
         print(f"error: mode must be 'fit' or 'validate', got {cfg.mode!r}", file=sys.stderr)
         sys.exit(2)
+    try:
+        if cfg.mode == "fit":
+            trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+        else:
+            trainer.validate(module, datamodule=data)
+    except _run_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if trainer.global_rank == 0:
         print(f"outputs: {_run_dir()}", flush=True)
         exports = os.path.join(_run_dir(), "hf")

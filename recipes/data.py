@@ -11,7 +11,7 @@ import os
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class DataConfigError(ValueError):
@@ -37,8 +37,12 @@ class TokenDataset(Dataset):
         }
 
 
-class DataParallelSampler(Sampler[int]):
-    """This data-parallel rank's share of the rows, padded to whole steps on every rank."""
+class DataParallelSampler(DistributedSampler):
+    """This data-parallel rank's share of the rows, padded to whole steps on every rank.
+
+    A DistributedSampler so Lightning leaves it in place (it would otherwise wrap it and split the
+    rows over ranks a second time); its own __init__, since the split is over data-parallel ranks.
+    """
 
     def __init__(self, num_rows: int, dp_rank: int, dp_size: int, step_batch: int, shuffle: bool,
                  drop_last: bool, seed: int, skip_steps: int = 0):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 
 import torch.multiprocessing as mp
@@ -40,12 +41,10 @@ def _worker(rank, world_size, port, fn, args, queue):
     except BaseException:  # report everything, including assertion failures
         queue.put((rank, False, traceback.format_exc()))
     finally:
-        try:
+        if "megatron.core" in sys.modules:  # importing it only to tear down costs seconds
             from bridges.megatron import parallel
 
             parallel.destroy()
-        except Exception:
-            pass
         if dist.is_initialized():
             dist.destroy_process_group()
 
