@@ -116,9 +116,13 @@ def check_config(module, arch: GPTArchitecture, config: dict) -> list[str]:
     ]
     for key in ("vocab_size", "rotary_percent", "rotary_base", "tie_word_embeddings"):
         if getattr(arch, key) != getattr(source, key):
-            errors.append(f"config.json {key}: checkpoint has {getattr(source, key)!r}, model has {getattr(arch, key)!r}")
+            errors.append(
+                f"config.json {key}: checkpoint has {getattr(source, key)!r}, model has {getattr(arch, key)!r}"
+            )
     if arch.mtp_num_layers > source.mtp_num_layers:
-        errors.append(f"config.json: the model has {arch.mtp_num_layers} MTP layers, the checkpoint {source.mtp_num_layers}")
+        errors.append(
+            f"config.json: the model has {arch.mtp_num_layers} MTP layers, the checkpoint {source.mtp_num_layers}"
+        )
     return errors
 
 
@@ -157,16 +161,19 @@ def _read(plan, source: HFSource, report: ImportReport):
     for param, rule, rank, size in plan:
         specs = rule.specs(rank, size, param.tensor.dtype)
         try:
-            values = [
-                source.read(s.hf_name, s.region) if 0 not in region_shape(s.region) else torch.empty(region_shape(s.region))
-                for s in specs
-            ]
+            values = [_read_region(source, s) for s in specs]
             staged.append((param, rule.to_megatron(values, rank, size)))
         except Exception as e:  # noqa: BLE001 - any read failure must be agreed on, not raised alone
-            errors.append(f"{param.local_name}: reading {[s.hf_name for s in specs]} from {source.where(specs[0].hf_name)} failed: {e}")
+            names = [s.hf_name for s in specs]
+            errors.append(f"{param.local_name}: reading {names} from {source.where(names[0])} failed: {e}")
             continue
         _check_mirrors(rule, specs, values, source, report)
     return staged, errors
+
+
+def _read_region(source: HFSource, spec) -> torch.Tensor:
+    shape = region_shape(spec.region)
+    return torch.empty(shape) if 0 in shape else source.read(spec.hf_name, spec.region)  # padding-only shard
 
 
 def _check_mirrors(rule, specs, values, source: HFSource, report: ImportReport) -> None:

@@ -108,12 +108,14 @@ def same(megatron: str, hf: str, shape: Shape, shard: Sharding = REPLICATED, **k
 def qkv(megatron: str, q: str, k: str, v: str, shapes: tuple[Shape, Shape, Shape], head_dim: int) -> Rule:
     """q_proj/k_proj/v_proj (weights or biases) <-> linear_qkv, column-parallel by KV group."""
     heads_per_group = shapes[0][0] // shapes[1][0]
-    return Rule(megatron, (q, k, v), tuple(map(tuple, shapes)), combine=ops.QKVInterleave(heads_per_group, head_dim), shard=COLUMN)
+    combine = ops.QKVInterleave(heads_per_group, head_dim)
+    return Rule(megatron, (q, k, v), tuple(map(tuple, shapes)), combine=combine, shard=COLUMN)
 
 
 def gate_up(megatron: str, gate: str, up: str, shape: Shape, expert: int | None = None) -> Rule:
     """gate_proj + up_proj [I, H] <-> gated linear_fc1 [2I, H] (dense MLP, shared or per-expert)."""
-    return Rule(megatron, (gate, up), (tuple(shape), tuple(shape)), combine=ops.GateUpConcat(), shard=COLUMN, expert=expert)
+    shapes = (tuple(shape), tuple(shape))
+    return Rule(megatron, (gate, up), shapes, combine=ops.GateUpConcat(), shard=COLUMN, expert=expert)
 
 
 def down(megatron: str, hf: str, shape: Shape, expert: int | None = None) -> Rule:
@@ -121,7 +123,9 @@ def down(megatron: str, hf: str, shape: Shape, expert: int | None = None) -> Rul
     return same(megatron, hf, shape, shard=ROW, expert=expert)
 
 
-def fused_expert(megatron: str, hf: str, shape: Shape, expert: int, transpose: bool = False, shard: Sharding = ROW) -> Rule:
+def fused_expert(
+    megatron: str, hf: str, shape: Shape, expert: int, transpose: bool = False, shard: Sharding = ROW
+) -> Rule:
     """Expert `expert` of one fused HF tensor [E, ...] <-> that expert's Megatron weight.
     `transpose`: the HF tensor stores each expert as [in, out] (Megatron keeps [out, in])."""
     views = (ops.ExpertSlice(),) + ((ops.Transpose(),) if transpose else ())

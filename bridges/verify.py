@@ -44,10 +44,11 @@ class VerifyReport:
     def text(self) -> str:
         lines = [
             f"layout: tp={self.layout.tp} pp={self.layout.pp} ep={self.layout.ep} etp={self.layout.expert_tp}",
-            f"import: {self.imported} Megatron tensors loaded, {len(self.ignored)} HF tensors ignored",
+            f"import: {self.imported} Megatron tensors loaded (all ranks), {len(self.ignored)} HF tensors ignored",
             *[f"  ignored {name}: {why}" for name, why in sorted(self.ignored.items())],
             *[f"  warning: {w}" for w in self.warnings],
-            f"export: {self.exported} HF tensors, {len(self.differ)} not bit-identical, {len(self.not_covered)} not covered once",
+            f"export: {self.exported} HF tensors, {len(self.differ)} not bit-identical, "
+            f"{len(self.not_covered)} not covered once",
             *[f"  differs: {name}" for name in self.differ],
             *[f"  coverage: {name}" for name in self.not_covered],
             f"logits vs transformers: max abs diff {self.max_abs_diff:.3e}, cosine {self.cosine:.9f}",
@@ -55,7 +56,9 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify(hf_dir: str, layout: ParallelLayout, sequences: int = 3, seq_length: int = 16, seed: int = 0) -> VerifyReport:
+def verify(
+    hf_dir: str, layout: ParallelLayout, sequences: int = 3, seq_length: int = 16, seed: int = 0
+) -> VerifyReport:
     """Every rank calls this after torch.distributed is initialised; the report is complete on rank 0."""
     config = hfc.load_config(hf_dir)
     family = family_for(config)
@@ -75,7 +78,8 @@ def verify(hf_dir: str, layout: ParallelLayout, sequences: int = 3, seq_length: 
         if not torch.equal(piece.tensor, source.read(piece.spec.hf_name, piece.spec.region))
     ]
     report.differ = sorted(set(_gather_list(differ)))
-    specs = _gather_list([(s.hf_name, s.region) for s in export_specs([model], family, arch, dtype, imported.expert_layout)])
+    specs = export_specs([model], family, arch, dtype, imported.expert_layout)
+    specs = _gather_list([(s.hf_name, s.region) for s in specs])
     expected = {n: source.shape(n) for n in source.keys() if n not in imported.ignored}
     report.not_covered = _coverage_problems(specs, expected)
     report.exported = len({name for name, _ in specs})

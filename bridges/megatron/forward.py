@@ -51,5 +51,6 @@ def main_logits(model, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor
         dist.all_gather(shards, local.contiguous(), group=ps.get_tensor_model_parallel_group())
         logits = torch.cat(shards, dim=-1)[..., :vocab_size].transpose(0, 1).contiguous()
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(logits, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        last_rank, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
+        dist.broadcast(logits, src=last_rank, group=group)
     return logits

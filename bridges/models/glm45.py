@@ -162,10 +162,13 @@ def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
     s = _Shapes(arch)
     n, mtp = arch.num_layers, arch.mtp_num_layers
     mtp_hf = [f"model.layers.{n + i}." for i in range(mtp)]
-    head_mirrors = tuple(h + "shared_head.head.weight" for h in mtp_hf)  # servers read the MTP head here
+    # Servers read the MTP layer's own embedding and head: copies of the main ones.
+    embed_mirrors = tuple(h + "embed_tokens.weight" for h in mtp_hf)
+    head_mirrors = tuple(h + "shared_head.head.weight" for h in mtp_hf)
+    if arch.tie_word_embeddings:
+        embed_mirrors += head_mirrors
     table = [
-        same(EMBEDDING, "model.embed_tokens.weight", s.vocab, vocab_parallel(arch.vocab_size),
-             mirrors=tuple(h + "embed_tokens.weight" for h in mtp_hf) + (head_mirrors if arch.tie_word_embeddings else ())),
+        same(EMBEDDING, "model.embed_tokens.weight", s.vocab, vocab_parallel(arch.vocab_size), mirrors=embed_mirrors),
         same("decoder.final_layernorm.weight", "model.norm.weight", s.norm),
     ]
     if not arch.tie_word_embeddings:
@@ -202,7 +205,8 @@ def _layer(s: "_Shapes", m: str, h: str, moe: bool, expert_layout: str) -> list[
         same(m + "pre_mlp_layernorm.weight",  h + "post_attention_layernorm.weight", s.norm),
     ]
     if s.qkv_bias:
-        table.append(qkv(a + "linear_qkv.bias", *(h + f"self_attn.{p}_proj.bias" for p in "qkv"), s.qkv_bias, s.head_dim))
+        table.append(qkv(a + "linear_qkv.bias", *(h + f"self_attn.{p}_proj.bias" for p in "qkv"), s.qkv_bias,
+                         s.head_dim))
     if s.qk_norm:
         table += [
             same(a + "q_layernorm.weight", h + "self_attn.q_norm.weight", s.head_norm),
@@ -228,8 +232,9 @@ def _layer(s: "_Shapes", m: str, h: str, moe: bool, expert_layout: str) -> list[
         x, hx = m + f"mlp.experts.local_experts.{e}.", h + "mlp.experts."
         if expert_layout == PER_EXPERT:
             table += [
-                gate_up(x + "linear_fc1.weight", hx + f"{e}.gate_proj.weight", hx + f"{e}.up_proj.weight", s.expert_up, e),
-                down(x + "linear_fc2.weight",    hx + f"{e}.down_proj.weight",                             s.expert_down, e),
+                gate_up(x + "linear_fc1.weight", hx + f"{e}.gate_proj.weight", hx + f"{e}.up_proj.weight",
+                        s.expert_up, e),
+                down(x + "linear_fc2.weight",    hx + f"{e}.down_proj.weight", s.expert_down, e),
             ]
         else:
             table += [
@@ -246,7 +251,8 @@ class _Shapes:
         t = arch.transformer
         hidden, d = t["hidden_size"], t["kv_channels"]
         q, kv = t["num_attention_heads"] * d, t["num_query_groups"] * d
-        dense, expert, shared = t["ffn_hidden_size"], t["moe_ffn_hidden_size"], t.get("moe_shared_expert_intermediate_size")
+        dense, expert = t["ffn_hidden_size"], t["moe_ffn_hidden_size"]
+        shared = t.get("moe_shared_expert_intermediate_size")
         self.experts = t["num_moe_experts"]
         self.head_dim = d
         self.vocab = (arch.vocab_size, hidden)

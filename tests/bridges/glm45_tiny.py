@@ -75,7 +75,7 @@ def make_checkpoint(directory: str, fused: bool = False, seed: int = 0, **overri
         tensors[p + "hnorm.weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=gen)
         tensors[p + "eh_proj.weight"] = 0.08 * torch.randn(hidden, 2 * hidden, generator=gen)
         tensors[p + "shared_head.norm.weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=gen)
-        tensors[p + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+        tensors[p + "shared_head.head.weight"] = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]).clone()
         tensors[p + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
     if fused:
         tensors = fuse_experts(tensors, config.n_routed_experts)

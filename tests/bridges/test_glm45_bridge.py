@@ -59,8 +59,11 @@ def round_trips(checkpoints, layouts):
         for expert_layout, (directory, ids, _) in checkpoints.items():
             config, arch, model = _setup(directory, layout)
             report = import_weights([model], glm45, arch, SafetensorsCheckpoint(directory), config=config)
-            pieces = [(p.spec.hf_name, p.spec.region, p.tensor) for p in export_pieces([model], glm45, arch, None, report.expert_layout)]
-            results.append((layout, expert_layout, report.expert_layout, pieces, main_logits(model, ids, arch.vocab_size)))
+            exported = export_pieces([model], glm45, arch, None, report.expert_layout)
+            pieces = [(p.spec.hf_name, p.spec.region, p.tensor.numpy()) for p in exported]
+            logits = main_logits(model, ids, arch.vocab_size).numpy()
+            # numpy, not torch: torch shares returned tensors by file descriptor, gone once this process exits.
+            results.append((layout, expert_layout, report.expert_layout, pieces, logits))
     return results
 
 
@@ -125,9 +128,9 @@ def _assert_round_trip(results, checkpoints):
         for layout, expert_layout, detected, pieces, logits in rank_results:
             case = by_case.setdefault((layout, expert_layout), {"pieces": [], "logits": []})
             assert detected == expert_layout
-            case["pieces"] += pieces
+            case["pieces"] += [(name, region, torch.from_numpy(values)) for name, region, values in pieces]
             # Data-parallel replicas may sum expert outputs in another order: each is checked.
-            case["logits"].append(logits)
+            case["logits"].append(torch.from_numpy(logits))
     for (layout, expert_layout), case in by_case.items():
         directory, _, reference = checkpoints[expert_layout]
         source = SafetensorsCheckpoint(directory)

@@ -1,4 +1,5 @@
-"""`bridges.verify` runs as a module with one process and under torchrun, and prints its report."""
+"""`bridges.verify` runs as a module with one process and under torchrun, and prints its report
+(the torchrun case also covers tied embeddings split over pipeline stages)."""
 
 import os
 import subprocess
@@ -21,6 +22,13 @@ def directory(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tied_directory(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("glm45") / "tied")
+    make_checkpoint(path, tie_word_embeddings=True)
+    return path
+
+
 def _run(args):
     env = dict(os.environ, MASTER_PORT=str(free_port()), PYTHONPATH=ROOT)
     done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -34,9 +42,9 @@ def test_world_1(directory):
     assert "logits vs transformers: max abs diff" in out
 
 
-def test_world_2_torchrun(directory):
+def test_world_2_torchrun_tied_embeddings(tied_directory):
     out = _run(["-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={free_port()}",
-                "-m", "bridges.verify", directory, "--pp", "2"])
+                "-m", "bridges.verify", tied_directory, "--pp", "2"])
     assert "layout: tp=1 pp=2 ep=1" in out and "verify: OK" in out
 
 
