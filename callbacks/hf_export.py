@@ -127,10 +127,19 @@ class HFExportCallback(pl.Callback):
         blocked_from = time.monotonic()
         self._finish_pending(trainer)
         final = os.path.join(self.dirpath, export_dir.export_name(step))
-        if os.path.isdir(final) and export_dir.is_complete(final):
+        if self._rank0_says(trainer, export_dir.is_complete(final)):
             say(f"hf_export: {final} already exists (a previous run); not exported again")
             return
-        job = self._snapshot(trainer, pl_module, step, final)
+        job, error = None, None
+        try:
+            job = self._snapshot(trainer, pl_module, step, final)
+        except Exception as e:  # agreed by every rank before anyone writes or raises
+            error = e
+        try:
+            agree(error, "export: taking the snapshot", self._group)
+        except Exception as e:
+            self._fail(HFExportError(f"HF export of step {step} to {final} failed: {e}"), e)
+            return
         if self.async_write:
             self._job = job
             self._thread = threading.Thread(target=self._write, args=(job, trainer.global_rank), daemon=True)
@@ -225,14 +234,25 @@ class HFExportCallback(pl.Callback):
         if job is None:
             return
         if job.error is not None:
-            message = f"HF export of step {job.step} to {job.final} failed: {job.error}"
-            if self.on_error == "warn":
-                rank_zero_warn(message + " (training continues: hf_export.on_error=warn)")
-                return
-            raise HFExportError(message) from job.error
+            self._fail(HFExportError(f"HF export of step {job.step} to {job.final} failed: {job.error}"), job.error)
+            return
         self.history.append({"step": job.step, "seconds": job.seconds, "bytes": job.nbytes, "path": job.final})
         self._log(trainer, {"hf_export/seconds": job.seconds, "hf_export/bytes": float(job.nbytes)}, job.step)
         say(f"hf_export: step {job.step} -> {job.final} ({job.seconds:.2f}s)")
+
+    def _rank0_says(self, trainer, answer: bool) -> bool:
+        """Rank 0's answer on every rank: a filesystem check must not split ranks at a collective."""
+        if self._group is None:
+            return answer
+        box = [answer if trainer.global_rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return bool(box[0])
+
+    def _fail(self, error: HFExportError, cause: BaseException) -> None:
+        if self.on_error == "warn":
+            rank_zero_warn(f"{error} (training continues: hf_export.on_error=warn)")
+            return
+        raise error from cause
 
     def _log(self, trainer, metrics: dict, step: int) -> None:
         if trainer.global_rank == 0 and trainer.logger is not None:

@@ -9,6 +9,7 @@ rank is raised here with that rank's traceback; a hung rank is killed after `tim
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import sys
 import traceback
@@ -36,8 +37,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        result = fn(*args)
-        queue.put((rank, True, result))
+        # Plain pickle copies tensors by value: torch's queue would pass them as file descriptors,
+        # which vanish if this process exits before the parent reads them.
+        queue.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # report everything, including assertion failures
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -73,7 +75,10 @@ def run_distributed(world_size: int, fn, *args, timeout: float = 600.0):
             time.sleep(0.05)
             continue
         rank, ok, value = queue.get()
-        (results if ok else failures)[rank] = value
+        if ok:
+            results[rank] = pickle.loads(value)
+        else:
+            failures[rank] = value
     for p in procs:
         p.join(timeout=5)
         if p.is_alive():
