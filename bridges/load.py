@@ -18,6 +18,7 @@ from bridges.local_params import Ranks, local_params
 from bridges.megatron.build import GPTArchitecture
 from bridges.models import family_module
 from bridges.pieces import HFSource, region_shape
+from bridges.rank_status import global_rank, group_rank_and_size
 from bridges.rules import RuleSet
 from bridges.sharding import ShardingError
 
@@ -188,12 +189,15 @@ def _check_mirrors(rule, specs, values, source: HFSource, report: ImportReport) 
 
 
 def _agree(stage: str, errors: list[str], group=None) -> None:
-    """Raise on every rank if any rank has errors (collective on `group`, default: the world)."""
-    failed = bool(errors)
-    if dist.is_available() and dist.is_initialized():
-        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        flag = torch.tensor([int(failed)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        failed = bool(flag.item())
-    if failed:
-        raise CheckpointMismatch(stage, errors or ["another rank found problems in the checkpoint (see its error)"])
+    """Raise on every rank if any rank has errors, each rank's findings shown everywhere (collective)."""
+    rank, world = group_rank_and_size(group)
+    gathered = [(0, errors)] if world == 1 else [None] * world
+    if world > 1:
+        dist.all_gather_object(gathered, (global_rank(group, rank), errors[:_SHOWN_ERRORS]), group=group)
+    ranks_by_error: dict[str, list[int]] = {}
+    for r, found in gathered:
+        for error in found:
+            ranks_by_error.setdefault(error, []).append(r)
+    if ranks_by_error:
+        merged = [e if world == 1 else f"{e} (rank {', '.join(map(str, rs))})" for e, rs in ranks_by_error.items()]
+        raise CheckpointMismatch(stage, merged)
