@@ -77,6 +77,14 @@ class MegatronGPTModule(pl.LightningModule):
             return MegatronOptimizerAdapter(self.ddp_model, self.optim_cfg, self.params_dtype == torch.bfloat16)
         return MainGradAdamW(self.model.parameters(), self.optim_cfg)
 
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["consumed_samples"] = self.global_step * self.trainer.datamodule.global_batch_size
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        # The data continues where the checkpointed run stopped (Lightning does not skip map-style rows).
+        if self.trainer.datamodule is not None:
+            self.trainer.datamodule.consumed_samples = int(checkpoint.get("consumed_samples", 0))
+
     # ----------------------------------------------------------------- steps
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)

@@ -7,6 +7,8 @@ groups) instead of torch DDP. gloo on CPU, NCCL on GPU.
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Any
 
 import torch
@@ -76,6 +78,39 @@ class MegatronStrategy(DDPStrategy):
         model.config.no_sync_func = ddp.no_sync
         model.config.finalize_model_grads_func = finalize_model_grads
         object.__setattr__(module, "ddp_model", ddp)
+
+    # Lightning checkpoints: every rank holds different shards, so a checkpoint is a directory with
+    # one file per rank (written by that rank), and only resumes under the same layout.
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        checkpoint = {**checkpoint, "parallel_layout": self._layout_record()}
+        os.makedirs(filepath, exist_ok=True)
+        self.checkpoint_io.save_checkpoint(checkpoint, self._rank_file(filepath), storage_options=storage_options)
+        self.barrier("save_checkpoint")
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        path = self._rank_file(checkpoint_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint_path} has no {os.path.basename(path)}: not a checkpoint of this strategy "
+                f"(a directory with one file per rank) or written by a smaller world"
+            )
+        # Our own per-rank files (optimizer state included): trusted, unlike imported HF checkpoints.
+        checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=False)
+        saved = checkpoint.get("parallel_layout")
+        if saved != self._layout_record():
+            raise ValueError(f"checkpoint {checkpoint_path} was written with layout {saved}, this run has {self._layout_record()}")
+        return checkpoint
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.is_global_zero and os.path.isdir(filepath):
+            shutil.rmtree(filepath)
+
+    def _rank_file(self, directory) -> str:
+        return os.path.join(directory, f"rank_{self.global_rank:05d}.ckpt")
+
+    def _layout_record(self) -> dict:
+        return {"tp": self.layout.tp, "pp": self.layout.pp, "ep": self.layout.ep, "etp": self.layout.expert_tp,
+                "world_size": self.world_size}
 
     def teardown(self) -> None:
         super().teardown()
