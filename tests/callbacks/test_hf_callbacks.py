@@ -60,17 +60,20 @@ def _world2(tmp, source):
     """EP2: periodic export with logits probes; resume from step_6; lr=0 round trip; failures."""
     out = {}
     out["periodic"] = _fit(source, f"{tmp}/run1", probe_steps=(3, 6), import_path=source)
-    out["resume"] = _fit(source, f"{tmp}/run2", steps=8, every=0, import_path=f"{tmp}/run1/step_6")
+    out["resume"] = _fit(source, f"{tmp}/run2", steps=8, every=1, import_path=f"{tmp}/run1/step_6",
+                         export_kwargs={"keep_last_k": 1})
     out["lr0"] = _fit(source, f"{tmp}/lr0", steps=1, every=0, lr=0.0, import_path=source,
                       export_kwargs={"async_write": False})
-    out["mtp_off"] = _fit(source, f"{tmp}/mtp_off", steps=1, every=0, lr=0.0, import_path=source, mtp=False)
+    out["mtp_off"] = _fit(source, f"{tmp}/mtp_off", steps=1, every=0, lr=0.0, import_path=source, mtp=False,
+                          export_kwargs={"dtype": "bf16"})
     out["passthrough"] = _fit(source, f"{tmp}/passthrough", steps=1, every=0, lr=0.0, import_path=source, mtp=False,
-                              export_kwargs={"mtp_passthrough": True})
+                              export_kwargs={"mtp_passthrough": True, "mode": "gather"})
     out["fault"] = _failing_export(source, f"{tmp}/run1")
+    out["fault_warn"] = _failing_export(source, f"{tmp}/run1", on_error="warn")
     return out
 
 
-def _failing_export(source, dirpath):
+def _failing_export(source, dirpath, on_error="raise"):
     """Rank 1 fails while writing tensor data of a new export into a directory with earlier exports."""
     import torch.distributed as dist
 
@@ -85,7 +88,7 @@ def _failing_export(source, dirpath):
 
     export_writer._write_pieces = broken
     try:
-        _fit(source, dirpath, steps=2, every=0, import_path=None)
+        _fit(source, dirpath, steps=2, every=0, import_path=None, export_kwargs={"on_error": on_error})
     except Exception as e:  # every rank must get here: no hang
         return f"{type(e).__name__}: {e}"
     finally:
@@ -159,6 +162,8 @@ def test_export_directory_contents(world2, source):
 def test_resume_continues_at_the_exported_step(world2):
     tmp, results = world2
     assert results[0]["resume"]["steps"] == [7, 8]
+    # keep_last_k=1: step_7 was pruned once step_8 was complete
+    assert sorted(os.listdir(f"{tmp}/run2")) == ["latest", "step_8"]
     state = json.load(open(f"{tmp}/run2/step_8/trainer_state.json"))
     assert state["global_step"] == 8 and state["consumed_samples"] == 32
 
@@ -176,13 +181,20 @@ def test_import_one_step_at_lr0_export_is_bit_exact(world2, source):
 def test_mtp_off_export_has_no_mtp_and_says_so(world2, source):
     tmp, _ = world2
     d = f"{tmp}/mtp_off/step_1"
-    assert json.load(open(f"{d}/config.json"))["num_nextn_predict_layers"] == 0
-    assert not [n for n in load_file(f"{d}/model.safetensors") if _is_mtp(n)]
+    config = json.load(open(f"{d}/config.json"))
+    assert config["num_nextn_predict_layers"] == 0 and config["dtype"] == "bfloat16"
+    tensors = load_file(f"{d}/model.safetensors")
+    assert not [n for n in tensors if _is_mtp(n)]
+    original = load_file(f"{source}/model.safetensors")
+    for name, tensor in tensors.items():
+        if name.endswith("e_score_correction_bias"):
+            continue  # kept in fp32 like the released checkpoints
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, original[name].to(torch.bfloat16)), name
     _, info = _hf_logits(d)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-def test_mtp_passthrough_copies_source_mtp_tensors(world2, source):
+def test_mtp_passthrough_copies_source_mtp_tensors_in_gather_mode(world2, source):
     tmp, _ = world2
     d = f"{tmp}/passthrough/step_1"
     assert json.load(open(f"{d}/config.json"))["num_nextn_predict_layers"] == 1
@@ -190,6 +202,9 @@ def test_mtp_passthrough_copies_source_mtp_tensors(world2, source):
     exported = load_file(f"{d}/model.safetensors")
     mtp = [n for n in original if _is_mtp(n)]
     assert mtp and all(torch.equal(original[n], exported[n]) for n in mtp)
+    assert set(exported) == set(original)
+    differ = [n for n in original if not torch.equal(original[n], exported[n])]
+    assert all(n.endswith("e_score_correction_bias") for n in differ), differ
 
 
 def test_rank_failing_mid_export_is_agreed_and_leaves_previous_export_intact(world2):
@@ -197,8 +212,9 @@ def test_rank_failing_mid_export_is_agreed_and_leaves_previous_export_intact(wor
     for rank in (0, 1):
         message = results[rank]["fault"]
         assert message is not None and "No space left on device (injected)" in message and "rank 1" in message
+    assert results[0]["fault_warn"] is None and results[1]["fault_warn"] is None  # on_error=warn: training went on
     root = f"{tmp}/run1"
-    # the failed export (step_2) left nothing behind; step_3 / step_6 and latest are untouched
+    # the failed exports (step_2) left nothing behind; step_3 / step_6 and latest are untouched
     assert sorted(n for n in os.listdir(root)) == ["latest", "step_3", "step_6"]
     assert open(f"{root}/latest").read().strip() == "step_6"
 
