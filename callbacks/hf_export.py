@@ -10,11 +10,12 @@ renamed into place only when complete. Decisions use step counts only, so every 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lightning.pytorch as pl
 import torch
@@ -164,7 +165,7 @@ class HFExportCallback(pl.Callback):
         config_arch = arch
         if self.mtp_passthrough and not pl_module.mtp_enabled and source and source.mtp_tensors:
             # MTP off in this run: carry the source's MTP tensors through unchanged, keep its count.
-            config_arch = arch.__class__(**{**arch.__dict__, "mtp_num_layers": source.config.get("num_nextn_predict_layers", 0)})
+            config_arch = replace(arch, mtp_num_layers=int(source.config.get("num_nextn_predict_layers") or 0))
             reader = SafetensorsCheckpoint(source.path)
             for name in source.mtp_tensors:
                 specs[name] = (tuple(reader.shape(name)), reader.dtype(name))
@@ -195,9 +196,9 @@ class HFExportCallback(pl.Callback):
         try:
             if global_rank == 0 and os.path.exists(staging):
                 shutil.rmtree(staging)
-            plan = write_checkpoint(job.pieces, job.specs, staging, group=self._group,
-                                    max_shard_bytes=self.max_shard_bytes, mode=self.mode)
-            job.nbytes = sum(p.tensor.numel() * p.tensor.element_size() for p in job.pieces)
+            write_checkpoint(job.pieces, job.specs, staging, group=self._group,
+                             max_shard_bytes=self.max_shard_bytes, mode=self.mode)
+            job.nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in job.specs.values())
             job.pieces = []  # release host memory as soon as the bytes are on disk
             job.seconds = time.monotonic() - job.started + job.snapshot_seconds
             error = None
@@ -207,7 +208,6 @@ class HFExportCallback(pl.Callback):
                 except Exception as e:  # agreed below, so no rank waits for rank 0
                     error = e
             agree(error, "export: writing config and publishing", self._group)
-            del plan
         except BaseException as e:
             job.error = e
             job.pieces = []
@@ -238,7 +238,8 @@ class HFExportCallback(pl.Callback):
             return
         self.history.append({"step": job.step, "seconds": job.seconds, "bytes": job.nbytes, "path": job.final})
         self._log(trainer, {"hf_export/seconds": job.seconds, "hf_export/bytes": float(job.nbytes)}, job.step)
-        say(f"hf_export: step {job.step} -> {job.final} ({job.seconds:.2f}s)")
+        rate = job.nbytes / max(job.seconds, 1e-9) / 2**20
+        say(f"hf_export: step {job.step} -> {job.final} ({job.nbytes / 2**20:.1f} MiB in {job.seconds:.2f}s, {rate:.0f} MiB/s)")
 
     def _rank0_says(self, trainer, answer: bool) -> bool:
         """Rank 0's answer on every rank: a filesystem check must not split ranks at a collective."""
