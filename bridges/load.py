@@ -115,7 +115,7 @@ def check_config(module, arch: GPTArchitecture, config: dict) -> list[str]:
         for key in sorted(set(arch.transformer) | set(source.transformer))
         if arch.transformer.get(key) != source.transformer.get(key)
     ]
-    for key in ("vocab_size", "rotary_percent", "rotary_base", "tie_word_embeddings"):
+    for key in ("vocab_size", "rotary_percent", "rotary_base", "yarn", "tie_word_embeddings"):
         if getattr(arch, key) != getattr(source, key):
             errors.append(
                 f"config.json {key}: checkpoint has {getattr(source, key)!r}, model has {getattr(arch, key)!r}"

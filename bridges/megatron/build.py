@@ -16,6 +16,31 @@ from bridges.megatron.layout import ParallelLayout
 
 
 @dataclass(frozen=True)
+class YarnScaling:
+    """YaRN rotary scaling (Megatron-Core's `yarn` position embedding, HF `rope_type: yarn`)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None  # with mscale_all_dim: attention factor mscale(f, mscale) / mscale(f, all_dim)
+    mscale_all_dim: float | None = None  # either None: attention factor 0.1 ln(factor) + 1
+    truncate: bool = True  # round the correction range to whole dims
+
+    def megatron_fields(self) -> dict[str, Any]:
+        """The `yarn_*` config attributes Megatron-Core's GPTModel and attention read."""
+        return dict(
+            yarn_rotary_scaling_factor=self.factor,
+            yarn_original_max_position_embeddings=self.original_max_position_embeddings,
+            yarn_beta_fast=self.beta_fast,
+            yarn_beta_slow=self.beta_slow,
+            yarn_mscale=self.mscale,
+            yarn_mscale_all_dim=self.mscale_all_dim,
+            yarn_correction_range_round_to_int=self.truncate,
+        )
+
+
+@dataclass(frozen=True)
 class GPTArchitecture:
     """Everything that fixes the shapes and the maths of a Megatron GPT model."""
 
@@ -26,6 +51,7 @@ class GPTArchitecture:
     rotary_base: float = 10000.0
     tie_word_embeddings: bool = False
     mtp_num_layers: int = 0
+    yarn: YarnScaling | None = None  # YaRN rotary scaling; None: plain RoPE
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific facts (not for Megatron)
 
     @property
@@ -78,7 +104,12 @@ def transformer_config(
         kwargs.setdefault("moe_router_dtype", "fp32")
         kwargs.setdefault("moe_grouped_gemm", torch.cuda.is_available())
     kwargs.update(overrides or {})
-    return TransformerConfig(**cpu_runtime.adapt_config(kwargs))
+    kwargs = cpu_runtime.adapt_config(kwargs)
+    if arch.yarn is not None:
+        from bridges.megatron.yarn_config import YarnTransformerConfig
+
+        return YarnTransformerConfig(**kwargs, **arch.yarn.megatron_fields())
+    return TransformerConfig(**kwargs)
 
 
 def build_gpt_model(
@@ -113,12 +144,23 @@ def build_gpt_model(
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="yarn" if arch.yarn else "rope",
         rotary_percent=arch.rotary_percent,
         rotary_base=int(arch.rotary_base) if float(arch.rotary_base).is_integer() else arch.rotary_base,
         mtp_block_spec=mtp_spec,
     )
+    _mark_softmax_offsets_tensor_parallel(model)
     return model
+
+
+def _mark_softmax_offsets_tensor_parallel(model) -> None:
+    """Megatron-Core 0.16 splits the learnable softmax offset (attention sinks) over TP ranks by head but
+    does not mark it so; marked, each rank's slice counts once in the global gradient norm."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    for name, param in model.named_parameters():
+        if name.endswith("core_attention.softmax_offset"):
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
 
 
 def _transformer_engine_available() -> bool:

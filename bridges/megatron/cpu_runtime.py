@@ -10,6 +10,7 @@ when CUDA is available, so GPU runs use Megatron-Core unchanged. Steps:
   its weights `sequence_parallel` so their gradients are reduced over the TP group;
 - the pipeline schedules' hard-coded `device="cuda"` allocations land on the CPU, and
   `torch.cuda.synchronize()` (used around p2p) is a no-op;
+- the local attention's sliding-window mask (built with `device="cuda"`) is built on the CPU;
 - `adapt_config` picks settings that have CPU implementations (allgather token dispatcher, no fusions).
 """
 
@@ -38,6 +39,7 @@ def enable() -> bool:
     _patch_missing_kernel_names()
     _patch_torch_norm_for_sequence_parallel()
     _patch_pipeline_schedules()
+    _patch_sliding_window_mask()
     _ENABLED = True
     return True
 
@@ -166,3 +168,19 @@ def _patch_pipeline_schedules() -> None:
     from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _TorchOnCpu()
+
+
+def sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    """Megatron's `get_sliding_window_causal_mask` on the CPU: True = masked; query i (aligned to the end
+    of the keys) sees keys j with i - window_size[0] <= j <= i + window_size[1]."""
+    allowed = torch.ones(sq, skv, dtype=torch.bool)
+    allowed = torch.triu(allowed, diagonal=skv - sq - window_size[0])
+    return ~torch.tril(allowed, diagonal=skv - sq + window_size[1])
+
+
+def _patch_sliding_window_mask() -> None:
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    utils.get_sliding_window_causal_mask = sliding_window_causal_mask
+    fused_softmax.get_sliding_window_causal_mask = sliding_window_causal_mask  # imported there by name

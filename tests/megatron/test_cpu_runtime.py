@@ -83,3 +83,17 @@ def test_adapt_config_picks_cpu_implementations():
                                     "bias_activation_fusion": True})
     assert out["moe_token_dispatcher_type"] == "allgather"
     assert out["bias_activation_fusion"] is False and out["gradient_accumulation_fusion"] is False
+
+
+@pytest.mark.parametrize("sq, skv, window", [(7, 7, (2, 0)), (3, 7, (2, 0)), (6, 6, (1, 1)), (5, 5, (0, 0))])
+def test_sliding_window_mask_is_built_on_cpu_as_megatron_defines_it(sq, skv, window):
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    assert utils.get_sliding_window_causal_mask is fused_softmax.get_sliding_window_causal_mask
+    mask = fused_softmax.get_sliding_window_causal_mask(sq, skv, window)
+    assert mask.device.type == "cpu" and mask.dtype == torch.bool
+    for i in range(sq):  # query i is key position i + skv - sq; True = masked
+        pos = i + skv - sq
+        expected = [not (pos - window[0] <= j <= pos + window[1]) for j in range(skv)]
+        assert mask[i].tolist() == expected
