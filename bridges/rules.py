@@ -132,6 +132,12 @@ def fused_expert(
     return Rule(megatron, (hf,), (tuple(shape),), views=views, shard=shard, expert=expert)
 
 
+def fused_expert_bias(megatron: str, hf: str, shape: Shape, expert: int) -> Rule:
+    """Expert `expert` of a fused bias [E, out] <-> that expert's output-layer bias (linear_fc2.bias), which
+    Megatron keeps whole on every expert-TP rank. (A gated fc1 bias [E, 2I] is `fused_gated_expert`'s.)"""
+    return fused_expert(megatron, hf, shape, expert, shard=REPLICATED)
+
+
 def fused_gated_expert(
     megatron: str, hf: str, shape: Shape, expert: int, transpose: bool = False, interleaved: bool = False
 ) -> Rule:

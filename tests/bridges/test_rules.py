@@ -51,6 +51,9 @@ RULES = [
     rules.fused_gated_expert("fc1", "gate_up_proj", (E, H, 4 * I), expert=3, transpose=True),
     rules.fused_gated_expert("fc1", "gate_up_proj", (E, H, 4 * I), expert=0, transpose=True, interleaved=True),
     rules.fused_gated_expert("fc1", "gate_up_proj", (E, 4 * I, H), expert=2, interleaved=True),
+    rules.fused_gated_expert("fc1.bias", "gate_up_proj_bias", (E, 4 * I), expert=4, interleaved=True),
+    rules.fused_gated_expert("fc1.bias", "gate_up_proj_bias", (E, 4 * I), expert=1),
+    rules.fused_expert_bias("fc2.bias", "down_proj_bias", (E, H), expert=3),
 ]
 
 
@@ -97,3 +100,13 @@ def test_expert_region_is_one_slice_of_the_fused_tensor():
     assert gate.region == (slice(3, 4, 1), slice(0, H, 1), slice(2 * I, 4 * I - 1, 2))
     assert up.region == (slice(3, 4, 1), slice(0, H, 1), slice(2 * I + 1, 4 * I, 2))
     assert gate.dtype == torch.bfloat16 and gate.hf_shape == (E, H, 4 * I)
+
+
+def test_fused_expert_biases_shard_like_their_weights():
+    """fc1 bias: each expert-TP rank holds its [gate; up] rows (interleaved in HF); fc2 bias: whole everywhere."""
+    up = rules.fused_gated_expert("fc1.bias", "gate_up_proj_bias", (E, 4 * I), expert=5, interleaved=True)
+    gate, up_part = up.specs(1, 2, torch.float32)
+    assert gate.region == (slice(5, 6, 1), slice(2 * I, 4 * I - 1, 2))
+    assert up_part.region == (slice(5, 6, 1), slice(2 * I + 1, 4 * I, 2))
+    down = rules.fused_expert_bias("fc2.bias", "down_proj_bias", (E, H), expert=2)
+    assert [s.region for s in down.specs(1, 2, torch.float32)] == [(slice(2, 3, 1), slice(0, H, 1))]
