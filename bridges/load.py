@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from bridges import mxfp4
 from bridges.hf_config import HFConfigError
 from bridges.local_params import Ranks, local_params
 from bridges.megatron.build import GPTArchitecture
@@ -41,6 +42,7 @@ class ImportReport:
     ignored: dict[str, str] = field(default_factory=dict)  # HF name -> why it was not loaded
     warnings: list[str] = field(default_factory=list)  # e.g. MTP copies that differ from the main weights
     expert_layout: str = ""
+    dequantized: list[str] = field(default_factory=list)  # HF tensors read from MXFP4 blocks / scales
 
 
 def import_weights(
@@ -51,13 +53,20 @@ def import_weights(
 
     `dtype`: the checkpoint dtype the tensors must have (None: the dtype most of them have).
     `config`: the checkpoint's config.json, checked against `arch` when given.
+    MXFP4 tensors (`X_blocks` / `X_scales`) are read as X, dequantized region by region (bridges/mxfp4.py).
     Raises `CheckpointMismatch` on every rank when any rank finds a problem.
     """
     ranks = ranks or Ranks.current()
     module = family_module(family)
+    errors = []
+    try:
+        source = mxfp4.dequantized(source, dtype)
+    except mxfp4.MXFP4Error as e:  # agreed below with the other findings
+        errors.append(str(e))
     report = ImportReport(expert_layout=module.detect_expert_layout(source.keys()))
+    report.dequantized = sorted(getattr(source, "quantized", ()))
     ruleset = module.rules(arch, report.expert_layout)
-    errors = check_source(ruleset, source, dtype, report)
+    errors += check_source(ruleset, source, dtype, report)
     if config is not None:
         errors += check_config(module, arch, config)
     plan, plan_errors = _plan(model_chunks, ruleset, ranks)
