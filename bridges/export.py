@@ -1,12 +1,14 @@
 """Export, in memory: this rank's Megatron shards -> the HF `Piece`s this rank owns and should write.
 
-Ownership needs no communication: the first data-parallel replica writes (expert params: the first
-expert-data-parallel replica), each pipeline stage its own layers, each expert-parallel rank its
-experts, each tensor-parallel rank its shard as a region (replicated params: TP rank 0 only).
+Ownership needs no communication: each pipeline stage writes its own layers, each expert-parallel rank
+its experts, each tensor-parallel rank its shard as a region (replicated params: TP rank 0 only), and
+of the data-parallel replicas holding a shard (expert params: expert-data-parallel) exactly one, picked
+so that the replicas write about as many bytes each.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import replace
 from typing import Iterator
 
@@ -15,6 +17,7 @@ import torch
 from bridges.local_params import LocalParam, Ranks, local_params
 from bridges.megatron.build import GPTArchitecture
 from bridges.models import family_module
+from bridges.piece_bytes import piece_nbytes
 from bridges.pieces import Piece, PieceSpec, region_shape
 from bridges.rules import Rule, RuleSet
 
@@ -25,7 +28,7 @@ class ExportError(RuntimeError):
 
 def hf_tensor_specs(family, arch: GPTArchitecture, dtype: torch.dtype, expert_layout: str | None = None) -> dict:
     """{HF name: (shape, dtype)} of the whole exported checkpoint; the same on every rank (no model needed)."""
-    return _ruleset(family, arch, expert_layout).hf_tensor_specs(dtype)
+    return family_ruleset(family, arch, expert_layout).hf_tensor_specs(dtype)
 
 
 def export_specs(
@@ -49,7 +52,8 @@ def export_pieces(
         yield Piece(spec, make())
 
 
-def _ruleset(family, arch: GPTArchitecture, expert_layout: str | None) -> RuleSet:
+def family_ruleset(family, arch: GPTArchitecture, expert_layout: str | None = None) -> RuleSet:
+    """The family's complete rule table for `arch` (its default expert layout when None)."""
     module = family_module(family)
     return module.rules(arch, expert_layout) if expert_layout else module.rules(arch)
 
@@ -57,27 +61,73 @@ def _ruleset(family, arch: GPTArchitecture, expert_layout: str | None) -> RuleSe
 def _owned(model_chunks, family, arch, dtype, expert_layout, ranks):
     """(spec, thunk making the values) for every piece this rank writes, in a fixed order."""
     ranks = ranks or Ranks.current()
-    ruleset = _ruleset(family, arch, expert_layout)
+    ruleset = family_ruleset(family, arch, expert_layout)
+    held = []
     for param in local_params(model_chunks, ranks):
         rule = ruleset.rule_for(param.name)
         if rule is None:
             if ruleset.megatron_ignore_reason(param.name) is not None:
                 continue
             raise ExportError(f"Megatron parameter {param.local_name} ({param.name}) has no HF rule")
-        expert = rule.expert is not None
-        if not param.exported or not ranks.writes_replica(expert):
-            continue
-        rank, size = ranks.tensor_parallel(expert)
-        if rule.shard.replicated and rank != 0:
-            continue
-        specs = rule.specs(rank, size, dtype or param.tensor.dtype)
-        values = _Values(rule, param, rank, size)
-        for i, spec in enumerate(specs):
-            if 0 in region_shape(spec.region):
-                continue  # a vocab shard made of padding only
-            yield spec, values.getter(i, spec.dtype)
-            for mirror in rule.mirrors if i == 0 else ():
-                yield replace(spec, hf_name=mirror), values.getter(i, spec.dtype)
+        if param.exported:
+            held.append((param, rule))
+    owned = owned_pieces([(rule, dtype or param.tensor.dtype) for param, rule in held], ranks)
+    for (param, rule), pieces in zip(held, owned):
+        if pieces:
+            values = _Values(rule, param, *ranks.tensor_parallel(rule.expert is not None))
+            for i, spec in pieces:
+                yield spec, values.getter(i, spec.dtype)
+
+
+def owned_pieces(held: list[tuple[Rule, torch.dtype]], ranks: Ranks) -> list[list[tuple[int, PieceSpec]]]:
+    """For each parameter this rank holds and exports (its rule and dtype): (part index, spec) of the
+    pieces this rank writes for it, often none.
+
+    The one ownership decision, shared by the export of a built model and by plans made from metadata
+    alone (bridges/virtual_ranks.py). Every data-parallel replica holds the same parameters, so each
+    computes the same byte-balanced assignment to replicas without communication. A mirror (an MTP
+    copy of the embedding) is assigned on its own, so two large copies need not land on one replica.
+    """
+    shards = [_shard_specs(rule, ranks, dtype) for rule, dtype in held]
+    owner: dict[str, int] = {}
+    for expert in (False, True):
+        sizes: dict[str, int] = {}
+        for (rule, _), pieces in zip(held, shards):
+            if (rule.expert is not None) == expert:
+                for key, _, spec in pieces:
+                    sizes[key] = sizes.get(key, 0) + piece_nbytes(spec)
+        owner.update(balanced_owners(sizes, ranks.replica(expert)[1]))
+    return [
+        [(i, spec) for key, i, spec in pieces if owner[key] == ranks.replica(rule.expert is not None)[0]]
+        for (rule, _), pieces in zip(held, shards)
+    ]
+
+
+def balanced_owners(sizes: dict[str, int], replicas: int) -> dict[str, int]:
+    """name -> replica index: largest first, each to the replica with the fewest bytes so far (ties: the
+    lowest index). Depends only on the names and sizes, not on their order."""
+    loads = [(0, r) for r in range(replicas)]
+    owners = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        load, r = heapq.heappop(loads)
+        owners[name] = r
+        heapq.heappush(loads, (load + sizes[name], r))
+    return owners
+
+
+def _shard_specs(rule: Rule, ranks: Ranks, dtype: torch.dtype) -> list[tuple[str, int, PieceSpec]]:
+    """(ownership key, part index, spec) of the pieces of this rank's tensor-parallel shard, were its
+    replica the writer. The key is the Megatron name, or the HF name of a mirror."""
+    rank, size = ranks.tensor_parallel(rule.expert is not None)
+    if rule.shard.replicated and rank != 0:
+        return []
+    out = []
+    for i, spec in enumerate(rule.specs(rank, size, dtype)):
+        if 0 in region_shape(spec.region):
+            continue  # a vocab shard made of padding only
+        out.append((rule.megatron, i, spec))
+        out += [(mirror, i, replace(spec, hf_name=mirror)) for mirror in (rule.mirrors if i == 0 else ())]
+    return out
 
 
 class _Values:

@@ -52,12 +52,15 @@ def _mismatch(tensor_specs: dict, spec: PieceSpec, rank: int) -> str | None:
 
 def _tiling_problems(name: str, shape: tuple[int, ...], pieces: list[tuple[int, Region]]) -> list[str]:
     problems = []
-    # Sweep along dim 0 so only pieces whose row spans meet are compared.
-    key = (lambda p: (p[1][0].start, p[1][0].stop)) if shape else (lambda p: (0, 0))
-    pieces = sorted((p for p in pieces if numel(p[1])), key=key)
+    pieces = [p for p in pieces if numel(p[1])]
+    # Sweep along the dim the pieces split most (rows, or columns of a row-parallel tensor), so only
+    # pieces whose spans along it meet are compared.
+    d = max(range(len(shape)), key=lambda d: len({r[d].start for _, r in pieces})) if shape else None
+    key = (lambda p: (p[1][d].start, p[1][d].stop)) if shape else (lambda p: (0, 0))
+    pieces = sorted(pieces, key=key)
     for i, (rank_a, a) in enumerate(pieces):
         for rank_b, b in pieces[i + 1 :]:
-            if shape and b[0].start >= a[0].stop:
+            if shape and b[d].start >= a[d].stop:
                 break
             if regions_overlap(a, b):
                 problems.append(

@@ -32,6 +32,8 @@ class Ranks:
     ep_size: int = 1
     dp_rank: int = 0  # data parallel (with context parallel): replica of the dense params
     edp_rank: int = 0  # expert data parallel: replica of the expert params
+    dp_size: int = 1
+    edp_size: int = 1
 
     @staticmethod
     def current() -> "Ranks":
@@ -47,15 +49,17 @@ class Ranks:
             ep_size=ps.get_expert_model_parallel_world_size(),
             dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
             edp_rank=ps.get_expert_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(with_context_parallel=True),
+            edp_size=ps.get_expert_data_parallel_world_size(),
         )
 
     def tensor_parallel(self, expert: bool) -> tuple[int, int]:
         """(rank, size) of the group a parameter is split over."""
         return (self.etp_rank, self.etp_size) if expert else (self.tp_rank, self.tp_size)
 
-    def writes_replica(self, expert: bool) -> bool:
-        """Only the first data-parallel replica writes (expert params: the first expert-DP replica)."""
-        return (self.edp_rank if expert else self.dp_rank) == 0
+    def replica(self, expert: bool) -> tuple[int, int]:
+        """(index, count) of the copies of a parameter: data-parallel replicas (expert params: expert-DP)."""
+        return (self.edp_rank, self.edp_size) if expert else (self.dp_rank, self.dp_size)
 
 
 @dataclass

@@ -33,6 +33,7 @@ def test_canonical_names(local, canonical):
 
 
 def test_ranks_pick_the_expert_groups_for_expert_params():
-    ranks = Ranks(tp_rank=1, tp_size=2, etp_rank=0, etp_size=1, ep_rank=1, ep_size=4, dp_rank=0, edp_rank=1)
+    ranks = Ranks(tp_rank=1, tp_size=2, etp_rank=0, etp_size=1, ep_rank=1, ep_size=4, dp_rank=0, edp_rank=1,
+                  dp_size=2, edp_size=4)
     assert ranks.tensor_parallel(expert=False) == (1, 2) and ranks.tensor_parallel(expert=True) == (0, 1)
-    assert ranks.writes_replica(expert=False) and not ranks.writes_replica(expert=True)
+    assert ranks.replica(expert=False) == (0, 2) and ranks.replica(expert=True) == (1, 4)
