@@ -76,3 +76,50 @@ def dtype_name(value: torch.dtype) -> str:
         if candidate == value:
             return name
     raise HFConfigError(f"dtype {value} has no HF name")
+
+
+# ---- the fields of a SwiGLU / RMSNorm decoder that families spell alike ------------------------------
+
+
+def decoder_transformer(config: dict[str, Any], rms_norm_eps: float) -> dict[str, Any]:
+    """Megatron TransformerConfig kwargs of the decoder fields HF decoder configs share
+    (`rms_norm_eps`: the family's default when the config leaves it out)."""
+    import torch.nn.functional as F
+
+    heads, hidden = int(require(config, "num_attention_heads")), int(require(config, "hidden_size"))
+    if config.get("hidden_act", "silu") != "silu":
+        family = config.get("model_type")
+        raise HFConfigError(f"{family}: hidden_act {config['hidden_act']!r} is not supported (silu only)")
+    return dict(
+        num_layers=int(require(config, "num_hidden_layers")),
+        hidden_size=hidden,
+        ffn_hidden_size=int(require(config, "intermediate_size")),
+        num_attention_heads=heads,
+        num_query_groups=int(config.get("num_key_value_heads") or heads),
+        kv_channels=int(config.get("head_dim") or hidden // heads),
+        normalization="RMSNorm",
+        layernorm_epsilon=float(config.get("rms_norm_eps", rms_norm_eps)),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        init_method_std=float(config.get("initializer_range", 0.02)),
+    )
+
+
+def decoder_fields(arch) -> dict[str, Any]:
+    """The HF config fields `decoder_transformer` reads, for a Megatron `GPTArchitecture`."""
+    t = arch.transformer
+    return dict(
+        vocab_size=arch.vocab_size,
+        hidden_size=t["hidden_size"],
+        intermediate_size=t["ffn_hidden_size"],
+        num_hidden_layers=t["num_layers"],
+        num_attention_heads=t["num_attention_heads"],
+        num_key_value_heads=t["num_query_groups"],
+        head_dim=t["kv_channels"],
+        hidden_act="silu",
+        max_position_embeddings=arch.max_position_embeddings,
+        initializer_range=t["init_method_std"],
+        rms_norm_eps=t["layernorm_epsilon"],
+        tie_word_embeddings=arch.tie_word_embeddings,
+    )

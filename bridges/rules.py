@@ -148,6 +148,67 @@ def fused_gated_expert(
     return Rule(megatron, (hf,), (tuple(shape),), views=views, combine=ops.GateUpConcat(), shard=COLUMN, expert=expert)
 
 
+# ---- groups: the rules of a whole module, in the HF naming several families share ----------------
+
+
+def attention(
+    m: str, h: str, hidden: int, heads: int, groups: int, head_dim: int, bias: bool = False, qk_norm: bool = False
+) -> list[Rule]:
+    """Self-attention: HF `{q,k,v,o}_proj` (+ q/k/v biases, + per-head `q_norm`/`k_norm`) under `h` <->
+    Megatron `linear_qkv`, `linear_proj` (+ `linear_qkv.bias`, `{q,k}_layernorm`) under `m`."""
+    q, kv = heads * head_dim, groups * head_dim
+    weights = ((q, hidden), (kv, hidden), (kv, hidden))
+    table = [
+        qkv(m + "linear_qkv.weight", *(h + f"{p}_proj.weight" for p in "qkv"), weights, head_dim),
+        same(m + "linear_proj.weight", h + "o_proj.weight", (hidden, q), ROW),
+    ]
+    if bias:
+        table.append(qkv(m + "linear_qkv.bias", *(h + f"{p}_proj.bias" for p in "qkv"), ((q,), (kv,), (kv,)), head_dim))
+    if qk_norm:
+        table += [
+            same(m + "q_layernorm.weight", h + "q_norm.weight", (head_dim,)),
+            same(m + "k_layernorm.weight", h + "k_norm.weight", (head_dim,)),
+        ]
+    return table
+
+
+def gated_mlp(m: str, h: str, ffn: int, hidden: int, expert: int | None = None) -> list[Rule]:
+    """A SwiGLU MLP (dense, shared experts or one routed expert): HF `{gate,up,down}_proj.weight` under `h`
+    <-> Megatron `linear_fc1.weight` ([gate; up], column-parallel) and `linear_fc2.weight` under `m`."""
+    return [
+        gate_up(m + "linear_fc1.weight", h + "gate_proj.weight", h + "up_proj.weight", (ffn, hidden), expert),
+        down(m + "linear_fc2.weight", h + "down_proj.weight", (hidden, ffn), expert),
+    ]
+
+
+PER_EXPERT = "per_expert"  # HF `experts.{e}.{gate,up,down}_proj.weight` (hub checkpoints, save_pretrained)
+FUSED = "fused"  # HF `experts.gate_up_proj` [E, 2I, H] (gate then up) and `experts.down_proj` [E, H, I]
+EXPERT_LAYOUTS = (PER_EXPERT, FUSED)
+
+
+def detect_expert_layout(hf_names) -> str:
+    """Which routed-expert layout a checkpoint holds (per-expert when it has no fused expert tensor)."""
+    return FUSED if any(n.endswith(".mlp.experts.gate_up_proj") for n in hf_names) else PER_EXPERT
+
+
+def routed_experts(m: str, h: str, experts: int, ffn: int, hidden: int, layout: str = PER_EXPERT) -> list[Rule]:
+    """Every routed expert of one MoE layer, HF names under `h` (`...mlp.experts.`) in `layout`, <->
+    Megatron `local_experts.{e}.linear_fc{1,2}.weight` under `m` (global expert numbers)."""
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert layout {layout!r} is not one of {EXPERT_LAYOUTS}")
+    table = []
+    for e in range(experts):
+        x = m + f"local_experts.{e}."
+        if layout == PER_EXPERT:
+            table += gated_mlp(x, h + f"{e}.", ffn, hidden, expert=e)
+        else:
+            table += [
+                fused_gated_expert(x + "linear_fc1.weight", h + "gate_up_proj", (experts, 2 * ffn, hidden), e),
+                fused_expert(x + "linear_fc2.weight", h + "down_proj", (experts, hidden, ffn), e),
+            ]
+    return table
+
+
 # ---- a family's complete table ---------------------------------------------------------------------
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bridges import hf_config as hfc
 from bridges.local_params import EMBEDDING, MTP_INNER, OUTPUT
 from bridges.megatron.build import GPTArchitecture
-from bridges.rules import Ignore, Rule, RuleSet, down, fused_expert, fused_gated_expert, gate_up, qkv, same
-from bridges.sharding import COLUMN, ROW, vocab_parallel
+from bridges.rules import (  # noqa: F401 - EXPERT_LAYOUTS, FUSED, detect_expert_layout: the family interface
+    EXPERT_LAYOUTS, FUSED, PER_EXPERT, Ignore, Rule, RuleSet, attention, detect_expert_layout, gated_mlp,
+    routed_experts, same,
+)
+from bridges.sharding import COLUMN, vocab_parallel
 
 MODEL_TYPE = "glm4_moe"
 
@@ -26,8 +28,7 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
     if config.get("model_type") != MODEL_TYPE:
         raise hfc.HFConfigError(f"expected model_type {MODEL_TYPE!r}, got {config.get('model_type')!r}")
     req = lambda key: hfc.require(config, key)  # noqa: E731
-    if config.get("hidden_act", "silu") != "silu":
-        raise hfc.HFConfigError(f"glm4_moe: hidden_act {config['hidden_act']!r} is not supported (silu only)")
+    transformer = hfc.decoder_transformer(config, rms_norm_eps=1e-5)
     if not config.get("norm_topk_prob", True):
         # Megatron's sigmoid router always renormalises the top-k scores.
         raise hfc.HFConfigError("glm4_moe: norm_topk_prob=false is not supported by Megatron's sigmoid router")
@@ -35,9 +36,7 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
     if rope["rope_type"] not in ("default", None):
         raise hfc.HFConfigError(f"glm4_moe: rope_type {rope['rope_type']!r} is not supported")
 
-    num_layers = int(req("num_hidden_layers"))
-    heads = int(req("num_attention_heads"))
-    hidden = int(req("hidden_size"))
+    num_layers = transformer["num_layers"]
     num_experts = int(req("n_routed_experts"))
     first_dense = int(config.get("first_k_dense_replace", 0))
     shared = int(config.get("n_shared_experts") or 0)
@@ -50,21 +49,9 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
             f"glm4_moe: n_group={n_group} needs num_experts_per_tok / topk_group == 2 (Megatron's group "
             f"score), got {topk} / {topk_group}"
         )
-    transformer = dict(
-        num_layers=num_layers,
-        hidden_size=hidden,
-        ffn_hidden_size=int(req("intermediate_size")),
-        num_attention_heads=heads,
-        num_query_groups=int(config.get("num_key_value_heads") or heads),
-        kv_channels=int(config.get("head_dim") or hidden // heads),
-        normalization="RMSNorm",
-        layernorm_epsilon=float(config.get("rms_norm_eps", 1e-5)),
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
+    transformer.update(
         add_qkv_bias=bool(config.get("attention_bias", False)),
         qk_layernorm=bool(config.get("use_qk_norm", False)),
-        init_method_std=float(config.get("initializer_range", 0.02)),
         num_moe_experts=num_experts,
         moe_ffn_hidden_size=moe_ffn,
         moe_shared_expert_intermediate_size=shared * moe_ffn if shared else None,
@@ -101,21 +88,10 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
     first_dense = t["moe_layer_freq"].index(1) if 1 in t["moe_layer_freq"] else t["num_layers"]
     shared = t.get("moe_shared_expert_intermediate_size") or 0
     out: dict[str, Any] = {k: v for k, v in (source or {}).items() if k not in _LEGACY_KEYS}
+    out.update(hfc.decoder_fields(arch))
     out.update(
         architectures=["Glm4MoeForCausalLM"],
         model_type=MODEL_TYPE,
-        vocab_size=arch.vocab_size,
-        hidden_size=t["hidden_size"],
-        intermediate_size=t["ffn_hidden_size"],
-        num_hidden_layers=t["num_layers"],
-        num_attention_heads=t["num_attention_heads"],
-        num_key_value_heads=t["num_query_groups"],
-        head_dim=t["kv_channels"],
-        hidden_act="silu",
-        max_position_embeddings=arch.max_position_embeddings,
-        initializer_range=t["init_method_std"],
-        rms_norm_eps=t["layernorm_epsilon"],
-        tie_word_embeddings=arch.tie_word_embeddings,
         rope_parameters={
             "rope_theta": arch.rotary_base,
             "partial_rotary_factor": arch.rotary_percent,
@@ -145,20 +121,9 @@ _LEGACY_KEYS = {"rope_theta", "partial_rotary_factor", "rope_scaling", "torch_dt
 
 # ---- weights: HF tensors <-> Megatron parameters -------------------------------------------------
 
-PER_EXPERT = "per_expert"  # model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight (hub, save_pretrained)
-FUSED = "fused"  # model.layers.L.mlp.experts.gate_up_proj [E, 2I, H] and down_proj [E, H, I]
-EXPERT_LAYOUTS = (PER_EXPERT, FUSED)
-
-
-def detect_expert_layout(hf_names) -> str:
-    """Which expert layout a checkpoint holds (per-expert when it has no fused expert tensor)."""
-    return FUSED if any(n.endswith(".mlp.experts.gate_up_proj") for n in hf_names) else PER_EXPERT
-
 
 def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
     """The complete rule table of a GLM-4.5 model built as `arch` (global names, every layer)."""
-    if expert_layout not in EXPERT_LAYOUTS:
-        raise ValueError(f"glm4_moe: expert layout {expert_layout!r} is not one of {EXPERT_LAYOUTS}")
     s = _Shapes(arch)
     n, mtp = arch.num_layers, arch.mtp_num_layers
     mtp_hf = [f"model.layers.{n + i}." for i in range(mtp)]
@@ -197,75 +162,35 @@ def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
 
 def _layer(s: "_Shapes", m: str, h: str, moe: bool, expert_layout: str) -> list[Rule]:
     """One decoder layer: Megatron names under prefix `m`, HF names under prefix `h`."""
-    a = m + "self_attention."
+    t = s.transformer
     table = [
-        same(m + "input_layernorm.weight",    h + "input_layernorm.weight",          s.norm),
-        qkv(a + "linear_qkv.weight", *(h + f"self_attn.{p}_proj.weight" for p in "qkv"), s.qkv_weight, s.head_dim),
-        same(a + "linear_proj.weight",        h + "self_attn.o_proj.weight",         s.o_proj, ROW),
-        same(m + "pre_mlp_layernorm.weight",  h + "post_attention_layernorm.weight", s.norm),
+        same(m + "input_layernorm.weight",   h + "input_layernorm.weight",          s.norm),
+        same(m + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight", s.norm),
+        *attention(m + "self_attention.", h + "self_attn.", t["hidden_size"], t["num_attention_heads"],
+                   t["num_query_groups"], t["kv_channels"], bias=t["add_qkv_bias"], qk_norm=t["qk_layernorm"]),
     ]
-    if s.qkv_bias:
-        table.append(qkv(a + "linear_qkv.bias", *(h + f"self_attn.{p}_proj.bias" for p in "qkv"), s.qkv_bias,
-                         s.head_dim))
-    if s.qk_norm:
-        table += [
-            same(a + "q_layernorm.weight", h + "self_attn.q_norm.weight", s.head_norm),
-            same(a + "k_layernorm.weight", h + "self_attn.k_norm.weight", s.head_norm),
-        ]
     if not moe:
-        return table + [
-            gate_up(m + "mlp.linear_fc1.weight", h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight", s.dense_up),
-            down(m + "mlp.linear_fc2.weight",    h + "mlp.down_proj.weight",                          s.dense_down),
-        ]
+        return table + gated_mlp(m + "mlp.", h + "mlp.", t["ffn_hidden_size"], t["hidden_size"])
     table += [
         same(m + "mlp.router.weight",      h + "mlp.gate.weight",                  s.router),
         # A buffer in Megatron, kept in fp32 by both sides (hub checkpoints store it as F32).
         same(m + "mlp.router.expert_bias", h + "mlp.gate.e_score_correction_bias", s.expert_bias, dtype=torch.float32),
     ]
-    if s.shared_up:
-        x, hx = m + "mlp.shared_experts.", h + "mlp.shared_experts."
-        table += [
-            gate_up(x + "linear_fc1.weight", hx + "gate_proj.weight", hx + "up_proj.weight", s.shared_up),
-            down(x + "linear_fc2.weight",    hx + "down_proj.weight",                        s.shared_down),
-        ]
-    for e in range(s.experts):
-        x, hx = m + f"mlp.experts.local_experts.{e}.", h + "mlp.experts."
-        if expert_layout == PER_EXPERT:
-            table += [
-                gate_up(x + "linear_fc1.weight", hx + f"{e}.gate_proj.weight", hx + f"{e}.up_proj.weight",
-                        s.expert_up, e),
-                down(x + "linear_fc2.weight",    hx + f"{e}.down_proj.weight", s.expert_down, e),
-            ]
-        else:
-            table += [
-                fused_gated_expert(x + "linear_fc1.weight", hx + "gate_up_proj", s.fused_gate_up, e),
-                fused_expert(x + "linear_fc2.weight",       hx + "down_proj",    s.fused_down, e),
-            ]
-    return table
+    if s.shared:
+        table += gated_mlp(m + "mlp.shared_experts.", h + "mlp.shared_experts.", s.shared, t["hidden_size"])
+    return table + routed_experts(m + "mlp.experts.", h + "mlp.experts.", s.experts, t["moe_ffn_hidden_size"],
+                                  t["hidden_size"], expert_layout)
 
 
 class _Shapes:
     """HF tensor shapes of a GLM-4.5 architecture."""
 
     def __init__(self, arch: GPTArchitecture):
-        t = arch.transformer
-        hidden, d = t["hidden_size"], t["kv_channels"]
-        q, kv = t["num_attention_heads"] * d, t["num_query_groups"] * d
-        dense, expert = t["ffn_hidden_size"], t["moe_ffn_hidden_size"]
-        shared = t.get("moe_shared_expert_intermediate_size")
+        self.transformer = t = arch.transformer
+        hidden = t["hidden_size"]
         self.experts = t["num_moe_experts"]
-        self.head_dim = d
+        self.shared = t.get("moe_shared_expert_intermediate_size")
         self.vocab = (arch.vocab_size, hidden)
         self.norm = (hidden,)
-        self.head_norm = (d,)
-        self.qk_norm = t["qk_layernorm"]
-        self.qkv_weight = ((q, hidden), (kv, hidden), (kv, hidden))
-        self.qkv_bias = ((q,), (kv,), (kv,)) if t["add_qkv_bias"] else None
-        self.o_proj = (hidden, q)
         self.eh_proj = (hidden, 2 * hidden)
-        self.dense_up, self.dense_down = (dense, hidden), (hidden, dense)
         self.router, self.expert_bias = (self.experts, hidden), (self.experts,)
-        self.shared_up = (shared, hidden) if shared else None
-        self.shared_down = (hidden, shared) if shared else None
-        self.expert_up, self.expert_down = (expert, hidden), (hidden, expert)
-        self.fused_gate_up, self.fused_down = (self.experts, 2 * expert, hidden), (self.experts, hidden, expert)

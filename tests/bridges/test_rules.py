@@ -110,3 +110,41 @@ def test_fused_expert_biases_shard_like_their_weights():
     assert up_part.region == (slice(5, 6, 1), slice(2 * I + 1, 4 * I, 2))
     down = rules.fused_expert_bias("fc2.bias", "down_proj_bias", (E, H), expert=2)
     assert [s.region for s in down.specs(1, 2, torch.float32)] == [(slice(2, 3, 1), slice(0, H, 1))]
+
+
+def test_rule_groups_name_a_layer_as_transformers_and_megatron_do():
+    """attention / gated_mlp / routed_experts: HF names and [out, in] shapes of the shared HF naming, and
+    Megatron names; the per-expert and fused tables give each expert the same Megatron tensors."""
+    table = rules.attention("a.", "h.", hidden=8, heads=4, groups=2, head_dim=3, bias=True, qk_norm=True)
+    assert {r.megatron: dict(zip(r.hf, r.hf_shapes)) for r in table} == {
+        "a.linear_qkv.weight": {"h.q_proj.weight": (12, 8), "h.k_proj.weight": (6, 8), "h.v_proj.weight": (6, 8)},
+        "a.linear_qkv.bias": {"h.q_proj.bias": (12,), "h.k_proj.bias": (6,), "h.v_proj.bias": (6,)},
+        "a.linear_proj.weight": {"h.o_proj.weight": (8, 12)},
+        "a.q_layernorm.weight": {"h.q_norm.weight": (3,)},
+        "a.k_layernorm.weight": {"h.k_norm.weight": (3,)},
+    }
+    plain = rules.attention("a.", "h.", 8, 4, 2, 3)
+    assert [r.megatron for r in plain] == ["a.linear_qkv.weight", "a.linear_proj.weight"]
+    fc1, fc2 = rules.gated_mlp("m.", "h.", ffn=5, hidden=8, expert=2)
+    assert (fc1.megatron, fc1.hf, fc1.hf_shapes, fc1.expert) == (
+        "m.linear_fc1.weight", ("h.gate_proj.weight", "h.up_proj.weight"), ((5, 8), (5, 8)), 2)
+    assert (fc2.megatron, fc2.hf, fc2.hf_shapes, fc2.shard) == (
+        "m.linear_fc2.weight", ("h.down_proj.weight",), ((8, 5),), ROW)
+
+    x = "l.mlp.experts."
+    per = rules.RuleSet(rules.routed_experts("x.", x, experts=3, ffn=6, hidden=8))
+    fused = rules.RuleSet(rules.routed_experts("x.", x, experts=3, ffn=6, hidden=8, layout=rules.FUSED))
+    hf = {name: torch.randn(shape, generator=gen) for name, (shape, _, _) in per.hf_tensors().items()}
+    gate_up = [torch.cat([hf[f"{x}{e}.gate_proj.weight"], hf[f"{x}{e}.up_proj.weight"]]) for e in range(3)]
+    hf[x + "gate_up_proj"] = torch.stack(gate_up)
+    hf[x + "down_proj"] = torch.stack([hf[f"{x}{e}.down_proj.weight"] for e in range(3)])
+    assert set(fused.hf_tensors()) == {x + "gate_up_proj", x + "down_proj"}
+    assert rules.detect_expert_layout(fused.hf_tensors()) == rules.FUSED
+    assert rules.detect_expert_layout(per.hf_tensors()) == rules.PER_EXPERT
+    for rule in per.rules:
+        other = fused.rule_for(rule.megatron)
+        for rank in range(2):
+            parts = [[hf[s.hf_name][s.region] for s in r.specs(rank, 2, torch.float32)] for r in (rule, other)]
+            assert torch.equal(rule.to_megatron(parts[0], rank, 2), other.to_megatron(parts[1], rank, 2))
+    with pytest.raises(ValueError, match="expert layout"):
+        rules.routed_experts("x.", x, 3, 5, 8, layout="stacked")
