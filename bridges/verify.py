@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from bridges import hf_config as hfc
+from bridges import mxfp4
 from bridges.export import export_specs, export_pieces
 from bridges.load import import_weights
 from bridges.megatron import build, parallel
@@ -66,7 +67,7 @@ def verify(
     dtype = hfc.dtype(config)
     parallel.initialize(layout)
     model = build.build_gpt_model(arch, layout)
-    source = SafetensorsCheckpoint(hf_dir)
+    source = mxfp4.dequantized(SafetensorsCheckpoint(hf_dir))  # MXFP4 experts: compared dequantized
     imported = import_weights([model], family, arch, source, config=config)
     report = VerifyReport(layout, ignored=imported.ignored, warnings=_gather_list(imported.warnings))
     report.imported = sum(_gather_list([len(imported.loaded)]))
@@ -87,16 +88,21 @@ def verify(
     ids = torch.randint(0, arch.vocab_size, (sequences, seq_length), generator=torch.Generator().manual_seed(seed))
     logits = main_logits(model, ids, arch.vocab_size)
     if dist.get_rank() == 0:
-        reference = _transformers_logits(hf_dir, ids)
+        reference = _transformers_logits(hf_dir, ids, config)
         report.max_abs_diff = (logits - reference).abs().max().item()
         report.cosine = torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0).item()
     return report
 
 
-def _transformers_logits(hf_dir: str, ids: torch.Tensor) -> torch.Tensor:
+def _transformers_logits(hf_dir: str, ids: torch.Tensor, config: dict) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)  # never trust_remote_code
+    kwargs = {}
+    if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)  # the weights our import sees
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **kwargs)  # never trust_remote_code
     model.eval()
     with torch.no_grad():
         return model(ids).logits.float()

@@ -6,9 +6,9 @@ from types import ModuleType
 from typing import Any
 
 from bridges.hf_config import HFConfigError
-from bridges.models import glm45
+from bridges.models import glm45, gpt_oss
 
-FAMILIES: dict[str, ModuleType] = {glm45.MODEL_TYPE: glm45}
+FAMILIES: dict[str, ModuleType] = {family.MODEL_TYPE: family for family in (glm45, gpt_oss)}
 
 
 def family_for(config: dict[str, Any]) -> ModuleType:
