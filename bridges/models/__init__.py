@@ -6,9 +6,9 @@ from types import ModuleType
 from typing import Any
 
 from bridges.hf_config import HFConfigError
-from bridges.models import glm45, qwen3_moe
+from bridges.models import glm45, gpt_oss, qwen3_moe
 
-FAMILIES: dict[str, ModuleType] = {family.MODEL_TYPE: family for family in (glm45, qwen3_moe)}
+FAMILIES: dict[str, ModuleType] = {family.MODEL_TYPE: family for family in (glm45, gpt_oss, qwen3_moe)}
 
 
 def family_for(config: dict[str, Any]) -> ModuleType:
