@@ -102,7 +102,8 @@ def transformer_config(
     if kwargs.get("num_moe_experts"):
         kwargs.setdefault("moe_token_dispatcher_type", "alltoall")
         kwargs.setdefault("moe_router_dtype", "fp32")
-        kwargs.setdefault("moe_grouped_gemm", torch.cuda.is_available())
+        kwargs.setdefault("moe_grouped_gemm", grouped_gemm_fits(kwargs, torch.cuda.is_available(),
+                                                                _transformer_engine_available()))
     kwargs.update(overrides or {})
     kwargs = cpu_runtime.adapt_config(kwargs)
     if arch.yarn is not None:
@@ -161,6 +162,12 @@ def _mark_softmax_offsets_tensor_parallel(model) -> None:
     for name, param in model.named_parameters():
         if name.endswith("core_attention.softmax_offset"):
             set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+
+
+def grouped_gemm_fits(kwargs: dict[str, Any], cuda: bool, transformer_engine: bool) -> bool:
+    """Grouped expert GEMMs on CUDA, unless the experts have biases and only Megatron-Core's legacy
+    GroupedMLP (no Transformer Engine) is there: it refuses biases, SequentialMLP takes them."""
+    return cuda and (transformer_engine or not kwargs.get("add_bias_linear", True))
 
 
 def _transformer_engine_available() -> bool:
