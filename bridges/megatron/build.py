@@ -151,6 +151,7 @@ def build_gpt_model(
         mtp_block_spec=mtp_spec,
     )
     _mark_softmax_offsets_tensor_parallel(model)
+    _skip_expert_reductions_over_one_rank(model)
     return model
 
 
@@ -162,6 +163,19 @@ def _mark_softmax_offsets_tensor_parallel(model) -> None:
     for name, param in model.named_parameters():
         if name.endswith("core_attention.softmax_offset"):
             set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+
+
+def _skip_expert_reductions_over_one_rank(model) -> None:
+    """Megatron-Core 0.16's MLP adds an expert's fc2 bias in place (`output += bias * probs`). With EP 1 and
+    expert-TP 1 the expert's RowParallelLinear still 'reduces' over its group of one, through an autograd
+    Function that returns its input, and autograd refuses the in-place add under grad. That reduction is
+    the identity: skip it, as Megatron itself does for experts under EP or expert-TP (explicit_expert_comm)."""
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    for module in model.modules():
+        if (isinstance(module, RowParallelLinear) and module.is_expert and module.bias is not None
+                and module.skip_bias_add and not module.explicit_expert_comm and module.tp_group.size() == 1):
+            module.explicit_expert_comm = True
 
 
 def grouped_gemm_fits(kwargs: dict[str, Any], cuda: bool, transformer_engine: bool) -> bool:

@@ -99,7 +99,23 @@ def world_1(plain, quantized, layouts):
 
     results = round_trips(plain, quantized, layouts, layouts)
     report = verify(quantized, ParallelLayout())
-    return results, (report.ok, report.max_abs_diff, report.text())
+    return results, (report.ok, report.max_abs_diff, report.text()), backward_at_ep1(plain)
+
+
+def backward_at_ep1(plain):
+    """Gradients reach every expert bias with experts neither expert- nor tensor-parallel (EP1, etp 1)."""
+    from bridges import hf_config as hfc
+    from bridges.megatron import build, parallel
+    from bridges.megatron.layout import ParallelLayout
+    from bridges.models import gpt_oss
+
+    arch = gpt_oss.architecture(hfc.load_config(plain))
+    parallel.initialize(ParallelLayout())
+    model = build.build_gpt_model(arch, ParallelLayout())
+    position_ids = torch.arange(IDS.shape[1]).expand_as(IDS)
+    loss = model(IDS, position_ids, build.causal_attention_mask(IDS.shape[1]), labels=IDS).sum()
+    loss.backward()
+    return [n for n, p in model.named_parameters() if n.endswith("bias") and "experts" in n and p.grad is None]
 
 
 # ---- tests ------------------------------------------------------------------------------------
@@ -138,9 +154,10 @@ def test_world_1_mxfp4_and_verify(checkpoints):
     from bridges.megatron.layout import ParallelLayout
 
     layouts = [ParallelLayout()]
-    [(results, (ok, diff, text))] = run_distributed(1, world_1, *checkpoints[:2], layouts)
+    [(results, (ok, diff, text), no_grad)] = run_distributed(1, world_1, *checkpoints[:2], layouts)
     _check([results], checkpoints, layouts)
     assert ok and diff <= LOGITS_ATOL, text
+    assert no_grad == []
 
 
 def test_world_2_ep_tp_pp_and_mxfp4_ep(checkpoints):
