@@ -41,14 +41,17 @@ def export_specs(
 
 def export_pieces(
     model_chunks, family, arch: GPTArchitecture, dtype: torch.dtype | None = None,
-    expert_layout: str | None = None, ranks: Ranks | None = None,
+    expert_layout: str | None = None, ranks: Ranks | None = None, copy: bool = True,
 ) -> Iterator[Piece]:
     """The HF pieces this rank owns, cast to `dtype` (None: each parameter's own dtype), on the CPU.
 
     `expert_layout` is the family's on-disk expert layout (GLM-4.5: "per_expert", the default, or
     "fused"); export in the layout of the import source. `ranks` defaults to Megatron's parallel state.
+    `copy=False`: a piece may share memory with its parameter (no copy where the layouts agree), for a
+    synchronous export that writes each piece before the parameters change. Pieces are made one at a
+    time, as the iterator is consumed, in the order of `export_specs`.
     """
-    for spec, make in _owned(model_chunks, family, arch, dtype, expert_layout, ranks):
+    for spec, make in _owned(model_chunks, family, arch, dtype, expert_layout, ranks, copy):
         yield Piece(spec, make())
 
 
@@ -58,7 +61,7 @@ def family_ruleset(family, arch: GPTArchitecture, expert_layout: str | None = No
     return module.rules(arch, expert_layout) if expert_layout else module.rules(arch)
 
 
-def _owned(model_chunks, family, arch, dtype, expert_layout, ranks):
+def _owned(model_chunks, family, arch, dtype, expert_layout, ranks, copy=True):
     """(spec, thunk making the values) for every piece this rank writes, in a fixed order."""
     ranks = ranks or Ranks.current()
     ruleset = family_ruleset(family, arch, expert_layout)
@@ -74,9 +77,9 @@ def _owned(model_chunks, family, arch, dtype, expert_layout, ranks):
     owned = owned_pieces([(rule, dtype or param.tensor.dtype) for param, rule in held], ranks)
     for (param, rule), pieces in zip(held, owned):
         if pieces:
-            values = _Values(rule, param, *ranks.tensor_parallel(rule.expert is not None))
+            values = _Values(rule, param, *ranks.tensor_parallel(rule.expert is not None), uses=len(pieces))
             for i, spec in pieces:
-                yield spec, values.getter(i, spec.dtype)
+                yield spec, values.getter(i, spec.dtype, copy)
 
 
 def owned_pieces(held: list[tuple[Rule, torch.dtype]], ranks: Ranks) -> list[list[tuple[int, PieceSpec]]]:
@@ -131,18 +134,23 @@ def _shard_specs(rule: Rule, ranks: Ranks, dtype: torch.dtype) -> list[tuple[str
 
 
 class _Values:
-    """Converts one local parameter once, however many pieces (and mirrors) it yields."""
+    """Converts one local parameter once, however many pieces (and mirrors) it yields, and lets the
+    converted tensors go once the last of its `uses` pieces is made."""
 
-    def __init__(self, rule: Rule, param: LocalParam, rank: int, size: int):
-        self.rule, self.param, self.rank, self.size = rule, param, rank, size
+    def __init__(self, rule: Rule, param: LocalParam, rank: int, size: int, uses: int):
+        self.rule, self.param, self.rank, self.size, self.uses = rule, param, rank, size, uses
         self._tensors: list[torch.Tensor] | None = None
 
-    def getter(self, i: int, dtype: torch.dtype):
+    def getter(self, i: int, dtype: torch.dtype, copy: bool = True):
         def make() -> torch.Tensor:
             if self._tensors is None:
                 local = self.param.tensor.detach().to("cpu")
                 self._tensors = self.rule.to_hf(local, self.rank, self.size)
-            # A copy: pieces must not alias live parameters (training goes on while they are written).
-            return self._tensors[i].to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+            # copy=True: pieces must not alias live parameters (training goes on while they are written).
+            tensor = self._tensors[i].to(dtype=dtype, memory_format=torch.contiguous_format, copy=copy)
+            self.uses -= 1
+            if not self.uses:
+                self._tensors = None
+            return tensor
 
         return make

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from bridges.export_coverage import check_coverage
 from bridges.export_plan import FilePlan, TensorSpecs, plan_files
-from bridges.piece_bytes import as_bytes, from_bytes, piece_nbytes, tensor_writes
+from bridges.piece_bytes import as_bytes, from_bytes, is_one_run, piece_nbytes, tensor_writes
 from bridges.pieces import Piece, PieceSpec, region_shape
 from bridges.rank_status import RankFailure, agree, exchange, global_rank, group_rank_and_size
 from bridges.safetensors_format import INDEX_FILE_NAME
@@ -39,20 +39,28 @@ def write_checkpoint(
     mode: str = "owner",
     batch_bytes: int = DEFAULT_BATCH_BYTES,
     fsync: bool = True,
+    piece_specs: Sequence[PieceSpec] | None = None,
 ) -> FilePlan:
     """Write `tensor_specs` (name -> (shape, dtype), the same on every rank) into `out_dir` as safetensors.
 
     Every rank of `group` calls this with the pieces it holds; together they must cover every tensor
     exactly once. mode="owner": each rank writes its own bytes (ranks share a filesystem);
     mode="gather": pieces travel to rank 0 in batches of about `batch_bytes`, and rank 0 writes all.
+    `piece_specs`: the specs of `local_pieces` in order, known beforehand (`bridges.export.export_specs`).
+    Then `local_pieces` may be a generator: it is consumed once, while writing, and a rank holds about one
+    piece at a time instead of all of them. Without it, all pieces are taken in before the plan is agreed.
     Any failure raises RankFailure on every rank, naming the failing ranks and why.
     """
     if mode not in ("owner", "gather"):
         raise ValueError(f"mode must be 'owner' or 'gather', got {mode!r}")
-    pieces = list(local_pieces)
     rank, world = group_rank_and_size(group)
-    error = _attempt(_check_local_pieces, pieces)
-    gathered = exchange(([p.spec for p in pieces], _digest(tensor_specs, max_shard_bytes, metadata)), error,
+    if piece_specs is None:
+        pieces = list(local_pieces)
+        error = _attempt(_check_local_pieces, pieces)
+        piece_specs = [p.spec for p in pieces]
+    else:
+        pieces, error = _as_specified(local_pieces, list(piece_specs)), None
+    gathered = exchange((list(piece_specs), _digest(tensor_specs, max_shard_bytes, metadata)), error,
                         "export: checking local pieces", group)
     _check_same_specs([digest for _, digest in gathered])
     specs_by_rank = [specs for specs, _ in gathered]
@@ -79,12 +87,32 @@ def _attempt(fn, *args) -> Exception | None:
 
 def _check_local_pieces(pieces: list[Piece]) -> None:
     for piece in pieces:
-        spec, t = piece.spec, piece.tensor
-        if tuple(t.shape) != region_shape(spec.region) or t.dtype != spec.dtype:
-            raise ValueError(
-                f"piece of {spec.hf_name!r}: tensor is {tuple(t.shape)} {t.dtype}, "
-                f"its region {spec.region} needs {region_shape(spec.region)} {spec.dtype}"
-            )
+        _check_piece(piece)
+
+
+def _check_piece(piece: Piece) -> None:
+    spec, t = piece.spec, piece.tensor
+    if tuple(t.shape) != region_shape(spec.region) or t.dtype != spec.dtype:
+        raise ValueError(
+            f"piece of {spec.hf_name!r}: tensor is {tuple(t.shape)} {t.dtype}, "
+            f"its region {spec.region} needs {region_shape(spec.region)} {spec.dtype}"
+        )
+
+
+def _as_specified(pieces: Iterable[Piece], specs: list[PieceSpec]) -> Iterator[Piece]:
+    """`pieces`, checked one by one against the specs announced for them (same order, same count)."""
+    produced = iter(pieces)
+    for i, spec in enumerate(specs):
+        piece = next(produced, None)
+        if piece is None:
+            raise ValueError(f"{len(specs)} pieces were announced, only {i} came; the first missing is {spec}")
+        if piece.spec != spec:
+            raise ValueError(f"piece {i} was announced as {spec}, came as {piece.spec}")
+        _check_piece(piece)
+        yield piece
+        del piece  # a piece lives only while it is written
+    if next(produced, None) is not None:
+        raise ValueError(f"more pieces came than the {len(specs)} announced")
 
 
 def _digest(tensor_specs: TensorSpecs, max_shard_bytes: int, metadata) -> str:
@@ -115,28 +143,47 @@ def _create_files(out_dir: str, plan: FilePlan) -> None:
             os.close(fd)
 
 
-def _write_pieces(out_dir: str, plan: FilePlan, pieces: list[Piece], fsync: bool) -> None:
-    by_file: dict[str, dict[str, list[Piece]]] = defaultdict(lambda: defaultdict(list))
-    for piece in pieces:
-        by_file[plan.slots[piece.spec.hf_name].file][piece.spec.hf_name].append(piece)
-    for file, tensors in sorted(by_file.items()):
-        path = os.path.join(out_dir, file)
-        try:
-            fd = os.open(path, os.O_WRONLY)  # never create: rank 0 did, on the filesystem all ranks share
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{path} does not exist on this rank although rank 0 created it: owner-writes needs a shared "
-                f"filesystem (use mode='gather' otherwise)"
-            ) from None
-        try:
-            for name, tensor_pieces in sorted(tensors.items()):
-                slot = plan.slots[name]
-                for offset, data in tensor_writes(slot.offset, slot.shape, tensor_pieces):
-                    _pwrite_all(fd, data, offset)
-            if fsync:
+def _write_pieces(out_dir: str, plan: FilePlan, pieces: Iterable[Piece], fsync: bool) -> None:
+    """pwrite each piece into place as it comes; consecutive pieces of one tensor that are not one run
+    each (say gate and up columns interleaved) are written together, so runs can merge."""
+    fds: dict[str, int] = {}
+    pending: list[Piece] = []
+
+    def flush() -> None:
+        slot = plan.slots[pending[0].spec.hf_name]
+        if slot.file not in fds:
+            fds[slot.file] = _open_planned(out_dir, slot.file)
+        for offset, data in tensor_writes(slot.offset, slot.shape, pending):
+            _pwrite_all(fds[slot.file], data, offset)
+        pending.clear()
+
+    try:
+        for piece in pieces:
+            if pending and pending[0].spec.hf_name != piece.spec.hf_name:
+                flush()
+            pending.append(piece)
+            if is_one_run(piece.spec):
+                flush()
+            del piece  # do not hold it while the next one is made
+        if pending:
+            flush()
+        if fsync:
+            for fd in fds.values():
                 os.fsync(fd)
-        finally:
+    finally:
+        for fd in fds.values():
             os.close(fd)
+
+
+def _open_planned(out_dir: str, file: str) -> int:
+    path = os.path.join(out_dir, file)
+    try:
+        return os.open(path, os.O_WRONLY)  # never create: rank 0 did, on the filesystem all ranks share
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} does not exist on this rank although rank 0 created it: owner-writes needs a shared "
+            f"filesystem (use mode='gather' otherwise)"
+        ) from None
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -187,13 +234,18 @@ def _gather_and_write(out_dir, plan, pieces, specs_by_rank, group, batch_bytes, 
         if fsync and error is None:
             error = _attempt(_fsync_files, out_dir, plan)
     else:
-        for batch in _batches([p.spec for p in pieces], batch_bytes):
+        specs, pieces = specs_by_rank[rank], iter(pieces)
+        for batch in _batches(specs, batch_bytes):
             try:
-                buf = torch.from_numpy(_pack([pieces[i] for i in batch]))
-            except Exception as e:
+                if error is not None:
+                    raise error
+                buf = torch.from_numpy(_pack([next(pieces) for _ in batch]))
+            except Exception as e:  # the planned messages still go out, so rank 0 does not wait forever
                 error = error or e
-                buf = torch.zeros(sum(piece_nbytes(pieces[i].spec) for i in batch), dtype=torch.uint8)
+                buf = torch.zeros(sum(piece_nbytes(specs[i]) for i in batch), dtype=torch.uint8)
             dist.send(buf, dst=global_rank(group, 0), group=group)
+        if error is None:
+            error = _attempt(list, pieces)  # an announced generator checks that nothing is left over
     return error
 
 

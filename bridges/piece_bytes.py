@@ -32,6 +32,11 @@ def piece_nbytes(spec: PieceSpec) -> int:
     return numel(spec.region) * itemsize(spec.dtype)
 
 
+def is_one_run(spec: PieceSpec) -> bool:
+    """Whether the piece's bytes are one contiguous run in the HF layout (a whole tensor, leading rows)."""
+    return len(byte_runs(spec.hf_shape, spec.region, itemsize(spec.dtype))[0]) <= 1
+
+
 def tensor_writes(offset: int, shape: tuple[int, ...], pieces: list[Piece]) -> Iterator[tuple[int, memoryview]]:
     """(absolute file offset, bytes) for every maximal run of the pieces of one tensor starting at `offset`."""
     scattered = []

@@ -6,6 +6,7 @@ Each multi-process test starts its processes once and runs every check inside th
 import filecmp
 import json
 import os
+import weakref
 
 import pytest
 import torch
@@ -98,6 +99,10 @@ def _export_checks(root: str) -> dict[str, str]:
     specs, mine = _specs(), _pieces(rank, world)
     write_checkpoint(mine, specs, os.path.join(root, "owner"), max_shard_bytes=SHARD)
     write_checkpoint(mine, specs, os.path.join(root, "gather"), max_shard_bytes=SHARD, mode="gather", batch_bytes=200)
+    announced = [p.spec for p in mine]
+    for mode in ("owner", "gather"):  # pieces made one by one while writing, their specs announced first
+        write_checkpoint((p for p in _pieces(rank, world)), specs, os.path.join(root, f"lazy_{mode}"),
+                         max_shard_bytes=SHARD, mode=mode, batch_bytes=200, piece_specs=announced)
     errors = {}
 
     def failure(kind, pieces, **kwargs):
@@ -108,6 +113,9 @@ def _export_checks(root: str) -> dict[str, str]:
 
     failure("missing", mine[:-1] if rank == world - 1 else mine)  # the odd lm_head columns
     failure("twice", mine + (_pieces(0, world)[:1] if rank == 1 else []))
+    for mode in ("owner", "gather"):  # a producer that breaks its announcement, on the last rank
+        short = (p for p in (mine[:-1] if rank == world - 1 else mine))
+        failure(f"fewer_{mode}", short, mode=mode, batch_bytes=200, piece_specs=announced)
     real_pwrite, real_write_pieces = export_writer._pwrite_all, export_writer._write_pieces
 
     def disk_full(*args):
@@ -138,13 +146,16 @@ def test_export_across_ranks(tmp_path, world):
     _assert_exact(os.path.join(root, "owner"))
     assert len([f for f in os.listdir(os.path.join(root, "owner")) if f.endswith(".safetensors")]) > 2
     for file in os.listdir(os.path.join(root, "owner")):
-        assert filecmp.cmp(os.path.join(root, "owner", file), os.path.join(root, "gather", file), shallow=False)
+        for other in ("gather", "lazy_owner", "lazy_gather"):
+            assert filecmp.cmp(os.path.join(root, "owner", file), os.path.join(root, other, file), shallow=False)
     subgroup = load_file(os.path.join(root, "subgroup", "model.safetensors"))
     assert torch.equal(subgroup["experts.gate_up_proj"], _tensors()["experts.gate_up_proj"])
     for rank_errors in errors:  # every rank saw every failure, with the same explanation
         assert rank_errors == errors[0]
     assert "'lm_head.weight'" in errors[0]["missing"] and "cover 22 of 44 elements" in errors[0]["missing"]
     assert "rank 0 region [0:" in errors[0]["twice"] and "rank 1 region" in errors[0]["twice"]
+    for mode in ("owner", "gather"):
+        assert f"rank {world - 1}: ValueError: {len(_pieces(world - 1, world))} pieces were announced" in errors[0][f"fewer_{mode}"]
     for kind, failing in (("mid_write", 1), ("mid_gather", 0)):
         assert f"writing tensor data failed on 1 of {world} ranks" in errors[0][kind], errors[0][kind]
         assert f"rank {failing}: OSError: disk full (injected)" in errors[0][kind]
@@ -181,3 +192,30 @@ def test_local_piece_errors_are_reported(tmp_path):
     unknown = Piece(PieceSpec("ghost", (2,), torch.float32, full_region((2,))), torch.zeros(2))
     with pytest.raises(CoverageError, match="'ghost': tensor is not in the export's tensor specs"):
         write_checkpoint(_pieces(0, 1) + [unknown], specs, str(tmp_path))
+
+
+def test_announced_pieces_are_written_one_at_a_time(tmp_path):
+    """With `piece_specs`, the writer takes in the next piece only once the earlier ones are written and
+    let go (whole rows here: each is one run), so a rank never holds all its pieces at once."""
+    t = _tensors()
+    shown = None  # weak references to the pieces made while writing
+
+    def made_one_by_one():
+        for name, tensor in t.items():
+            for rows in range(tensor.shape[0]) if tensor.dim() else [None]:
+                region = full_region(tuple(tensor.shape)) if rows is None else \
+                    (slice(rows, rows + 1, 1),) + full_region(tuple(tensor.shape[1:]))
+                assert all(ref() is None for ref in shown or ()), "an earlier piece is still held"
+                piece = Piece(PieceSpec(name, tuple(tensor.shape), tensor.dtype, region), tensor[region].clone())
+                if shown is not None:
+                    shown.append(weakref.ref(piece.tensor))
+                yield piece
+                del piece
+
+    specs = [p.spec for p in made_one_by_one()]
+    shown = []
+    write_checkpoint(made_one_by_one(), _specs(), str(tmp_path), max_shard_bytes=SHARD, piece_specs=specs)
+    assert len(shown) == len(specs)
+    _assert_exact(str(tmp_path))
+    with pytest.raises(RankFailure, match="piece 0 was announced as PieceSpec.hf_name='embed.weight'"):
+        write_checkpoint(made_one_by_one(), _specs(), str(tmp_path / "x"), piece_specs=specs[1:] + specs[:1])
