@@ -47,7 +47,8 @@ def test_mxfp4_import_exports_dequantized_checkpoints_with_the_megatron_logits(t
     plain, quantized = str(tmp_path / "fp32"), str(tmp_path / "mxfp4")
     make_checkpoint(plain, seed=5)
     write_mxfp4(plain, quantized)
-    results = run_distributed(2, _fit, quantized, str(tmp_path / "run"), 1, 2, 2, 2, 3e-3, quantized, None, (2,), False)
+    # One process, EP1: trains the experts' biases where Megatron-Core needed help (see bridges/megatron/build.py).
+    results = run_distributed(1, _fit, quantized, str(tmp_path / "run"), 1, 1, 2, 2, 3e-3, quantized, None, (2,), False)
     export = tmp_path / "run" / "step_2"
     config = json.load(open(export / "config.json"))
     assert "quantization_config" not in config and config["model_type"] == "gpt_oss"
