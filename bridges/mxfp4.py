@@ -32,7 +32,7 @@ def dequantize_rows(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
         raise MXFP4Error(f"blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not pair up")
     table = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).long()  # even element in the low nibble
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).to(torch.int32)  # even element in the low nibble
     values = table[codes].flatten(-2)  # [..., G, 32]
     exponents = scales.to(torch.int32) - SCALE_BIAS
     # Exact in float32 for E8M0 exponents a float32 can hold; then cast once.
