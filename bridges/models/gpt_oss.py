@@ -176,20 +176,11 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
                     original_max_position_embeddings=y.original_max_position_embeddings, truncate=y.truncate)
         if y.mscale is not None:
             rope.update(mscale=y.mscale, mscale_all_dim=y.mscale_all_dim)
+    out.update(hfc.decoder_fields(arch))  # hidden_act "silu": not read by transformers' GPT-OSS experts
     out.update(
         architectures=["GptOssForCausalLM"],
         model_type=MODEL_TYPE,
-        vocab_size=arch.vocab_size,
-        hidden_size=t["hidden_size"],
         intermediate_size=t["moe_ffn_hidden_size"],
-        num_hidden_layers=t["num_layers"],
-        num_attention_heads=t["num_attention_heads"],
-        num_key_value_heads=t["num_query_groups"],
-        head_dim=t["kv_channels"],
-        max_position_embeddings=arch.max_position_embeddings,
-        initializer_range=t["init_method_std"],
-        rms_norm_eps=t["layernorm_epsilon"],
-        tie_word_embeddings=arch.tie_word_embeddings,
         attention_bias=True,
         layer_types=layer_types,
         sliding_window=window[0] + 1 if window else out.get("sliding_window"),
@@ -200,7 +191,6 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
         swiglu_alpha=t["activation_func"].alpha,
         swiglu_limit=t["activation_func_clamp_value"],
     )
-    out.setdefault("hidden_act", "silu")  # not read by transformers' GPT-OSS experts
     if dtype is not None:
         out["dtype"] = hfc.dtype_name(dtype)
     return out
