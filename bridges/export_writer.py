@@ -11,6 +11,7 @@ import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ from bridges.export_plan import FilePlan, TensorSpecs, plan_files
 from bridges.piece_bytes import as_bytes, from_bytes, is_one_run, piece_nbytes, tensor_writes
 from bridges.pieces import Piece, PieceSpec, region_shape
 from bridges.rank_status import RankFailure, agree, exchange, global_rank, group_rank_and_size
-from bridges.safetensors_format import INDEX_FILE_NAME
+from bridges.regions import numel, run_elements
+from bridges.safetensors_format import INDEX_FILE_NAME, itemsize
 
 __all__ = ["write_checkpoint", "plan_files", "FilePlan", "RankFailure", "DEFAULT_MAX_SHARD_BYTES"]
 
@@ -69,7 +71,8 @@ def write_checkpoint(
 
     agree(_attempt(_create_files, out_dir, plan) if rank == 0 else None, "export: creating files", group)
     if mode == "owner" or world == 1:
-        error = _attempt(_write_pieces, out_dir, plan, pieces, fsync)
+        merges = _plan_merges(specs_by_rank) if world > 1 else []
+        error = _write_owned(out_dir, plan, pieces, specs_by_rank, merges, group, fsync)
     else:
         error = _gather_and_write(out_dir, plan, pieces, specs_by_rank, group, batch_bytes, fsync)
     agree(error, "export: writing tensor data", group)
@@ -143,36 +146,223 @@ def _create_files(out_dir: str, plan: FilePlan) -> None:
             os.close(fd)
 
 
+class _TensorWriter:
+    """pwrites pieces into the planned files as they come. Consecutive pieces of one tensor that are not
+    one run each (say gate and up columns interleaved) are written together, so their runs can merge."""
+
+    def __init__(self, out_dir: str, plan: FilePlan):
+        self.out_dir, self.plan = out_dir, plan
+        self.fds: dict[str, int] = {}
+        self.pending: list[Piece] = []
+
+    def add(self, piece: Piece) -> None:
+        if self.pending and self.pending[0].spec.hf_name != piece.spec.hf_name:
+            self.flush()
+        self.pending.append(piece)
+        if is_one_run(piece.spec):
+            self.flush()
+
+    def write_tensor(self, pieces: list[Piece]) -> None:
+        """Pieces of one tensor, written together."""
+        self.flush()
+        self.pending = pieces
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        slot = self.plan.slots[self.pending[0].spec.hf_name]
+        if slot.file not in self.fds:
+            self.fds[slot.file] = _open_planned(self.out_dir, slot.file)
+        for offset, data in tensor_writes(slot.offset, slot.shape, self.pending):
+            _pwrite_all(self.fds[slot.file], data, offset)
+        self.pending = []
+
+    def close(self, fsync: bool) -> None:
+        try:
+            self.flush()
+            if fsync:
+                for fd in self.fds.values():
+                    os.fsync(fd)
+        finally:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds = {}
+
+
 def _write_pieces(out_dir: str, plan: FilePlan, pieces: Iterable[Piece], fsync: bool) -> None:
-    """pwrite each piece into place as it comes; consecutive pieces of one tensor that are not one run
-    each (say gate and up columns interleaved) are written together, so runs can merge."""
-    fds: dict[str, int] = {}
-    pending: list[Piece] = []
-
-    def flush() -> None:
-        slot = plan.slots[pending[0].spec.hf_name]
-        if slot.file not in fds:
-            fds[slot.file] = _open_planned(out_dir, slot.file)
-        for offset, data in tensor_writes(slot.offset, slot.shape, pending):
-            _pwrite_all(fds[slot.file], data, offset)
-        pending.clear()
-
+    writer = _TensorWriter(out_dir, plan)
     try:
         for piece in pieces:
-            if pending and pending[0].spec.hf_name != piece.spec.hf_name:
-                flush()
-            pending.append(piece)
-            if is_one_run(piece.spec):
-                flush()
+            writer.add(piece)
             del piece  # do not hold it while the next one is made
-        if pending:
-            flush()
-        if fsync:
-            for fd in fds.values():
-                os.fsync(fd)
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        writer.close(fsync)
+
+
+# ---- owner-writes: fragmented pieces merged on one rank -------------------------------------------
+
+MIN_RUN_BYTES = 64 * 2**10  # a piece whose bytes lie in shorter runs (a row-parallel shard) is "fragmented"
+
+
+@dataclass(frozen=True)
+class _Merge:
+    """The fragmented pieces of one tensor, held by several ranks, sent to one of them (`writer`), which
+    writes them together in long runs: a gather inside the small TP group instead of many tiny writes."""
+
+    name: str
+    writer: int
+    parts: dict[int, tuple[int, ...]]  # group rank -> indices of its pieces in the merge
+
+
+def _fragmented(spec: PieceSpec) -> bool:
+    if numel(spec.region) == 0:
+        return False
+    run = run_elements(spec.hf_shape, spec.region)
+    return run < numel(spec.region) and run * itemsize(spec.dtype) < MIN_RUN_BYTES
+
+
+def _plan_merges(specs_by_rank: list[list[PieceSpec]]) -> list[_Merge]:
+    """Merges every rank derives alike from all ranks' specs; none when their order cannot be agreed.
+
+    Each rank runs a merge right after its last piece of that tensor has come, so each rank meets its
+    merges in the order of its own pieces; those orders must fit one global order (blocking sends and
+    receives then cannot wait on each other in a circle). Otherwise each rank writes its own runs.
+    """
+    parts: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for rank, specs in enumerate(specs_by_rank):
+        for i, spec in enumerate(specs):
+            if _fragmented(spec):
+                parts[spec.hf_name][rank].append(i)
+    merges = []
+    for name, held in sorted(parts.items()):
+        if len(held) > 1:
+            ranks = sorted(held)
+            writer = ranks[len(merges) % len(ranks)]  # take turns, so no rank writes every merged tensor
+            merges.append(_Merge(name, writer, {r: tuple(held[r]) for r in ranks}))
+    return merges if _one_order(merges, len(specs_by_rank)) else []
+
+
+def _merge_order(merges: list[_Merge], rank: int) -> list[_Merge]:
+    return sorted((m for m in merges if rank in m.parts), key=lambda m: m.parts[rank][-1])
+
+
+def _one_order(merges: list[_Merge], world: int) -> bool:
+    """Whether the ranks' merge orders fit one global order (the 'comes before' graph has no cycle)."""
+    after: dict[str, set[str]] = defaultdict(set)
+    for rank in range(world):
+        order = _merge_order(merges, rank)
+        for a, b in zip(order, order[1:]):
+            after[a.name].add(b.name)
+    waiting = {m.name: 0 for m in merges}
+    for successors in after.values():
+        for b in successors:
+            waiting[b] += 1
+    ready = [name for name, n in waiting.items() if n == 0]
+    seen = 0
+    while ready:
+        seen += 1
+        for b in after[ready.pop()]:
+            waiting[b] -= 1
+            if waiting[b] == 0:
+                ready.append(b)
+    return seen == len(merges)
+
+
+def _write_owned(out_dir, plan, pieces, specs_by_rank, merges, group, fsync) -> Exception | None:
+    """Owner-writes on this rank: its own pieces in place, the fragmented ones through their merges.
+
+    Returns this rank's first failure. After a failure the rank stops taking pieces but still sends and
+    receives every planned merge message (zeros where it has no data), so no rank waits forever.
+    """
+    own = _OwnPieces(out_dir, plan, pieces, specs_by_rank, merges, group)
+    error = _attempt(_write_pieces, out_dir, plan, iter(own), fsync)
+    return own.finish(error, fsync)
+
+
+class _OwnPieces:
+    """This rank's pieces in their announced order: iterating yields those it writes alone and runs each
+    merge when its turn comes (after this rank's last piece of that tensor)."""
+
+    def __init__(self, out_dir, plan, pieces, specs_by_rank, merges, group):
+        self.rank, _ = group_rank_and_size(group)
+        self.specs_by_rank, self.group = specs_by_rank, group
+        self.produced = iter(pieces)
+        self.merge_of = {i: m for m in merges for i in m.parts.get(self.rank, ())}
+        self.runs_after = {m.parts[self.rank][-1]: m for m in _merge_order(merges, self.rank)}
+        self.merged = _TensorWriter(out_dir, plan)  # writes the tensors this rank merges
+        self.held: dict[str, list[Piece]] = defaultdict(list)
+        self.sending: list = []  # the one merge message in flight: (work, buffer)
+        self.next_index, self.error = 0, None
+
+    def __iter__(self) -> Iterator[Piece]:
+        while self.next_index < len(self.specs_by_rank[self.rank]):
+            piece = self._step()
+            if piece is not None:
+                yield piece
+            del piece
+
+    def finish(self, error: Exception | None, fsync: bool) -> Exception | None:
+        """Run what is left (every planned message, whatever failed) and return the first failure."""
+        self.error = self.error or error
+        while self.next_index < len(self.specs_by_rank[self.rank]):
+            self._step()
+        for work, _ in self.sending:
+            failure = _attempt(work.wait)
+            self.error = self.error or failure
+        if self.error is None:
+            self.error = _attempt(lambda: next(self.produced, None))  # an announced generator: nothing left over
+        failure = _attempt(self.merged.close, fsync)
+        return self.error or failure
+
+    def _step(self) -> Piece | None:
+        i, piece = self.next_index, None
+        self.next_index += 1
+        if self.error is None:
+            try:
+                piece = next(self.produced)
+                if i in self.merge_of:
+                    self.held[self.merge_of[i].name].append(piece)
+                    piece = None
+            except Exception as e:  # noqa: BLE001 - agreed by every rank after the writes
+                self.error, piece = e, None
+        if i in self.runs_after:
+            merge = self.runs_after[i]
+            self.error = _run_merge(merge, self.held.pop(merge.name, []), self.specs_by_rank, self.merged, self.group,
+                                    self.error, self.sending)
+        return piece
+
+
+def _run_merge(merge: _Merge, mine: list[Piece], specs_by_rank, writer: _TensorWriter, group, error, sending):
+    """Send this rank's pieces of `merge` to its writer, or receive the others' and write them all.
+
+    A send goes out without waiting for the writer to take it; the previous one must have been taken
+    first, so at most one message per rank is in flight."""
+    rank, _ = group_rank_and_size(group)
+    if rank != merge.writer:
+        specs = [specs_by_rank[rank][i] for i in merge.parts[rank]]
+        try:
+            if error is not None:
+                raise error
+            buf = torch.from_numpy(_pack(mine))
+        except Exception as e:  # noqa: BLE001 - the message still goes out
+            error = error or e
+            buf = torch.zeros(sum(piece_nbytes(s) for s in specs), dtype=torch.uint8)
+        while sending:
+            failure = _attempt(sending.pop()[0].wait)
+            error = error or failure
+        sending.append((dist.isend(buf, dst=global_rank(group, merge.writer), group=group), buf))
+        return error
+    received = []
+    for source, indices in sorted(merge.parts.items()):
+        if source != rank:
+            specs = [specs_by_rank[source][i] for i in indices]
+            buf = torch.empty(sum(piece_nbytes(s) for s in specs), dtype=torch.uint8)
+            dist.recv(buf, src=global_rank(group, source), group=group)
+            received += _unpack(specs, buf)
+    if error is None:
+        error = _attempt(writer.write_tensor, mine + received)
+    return error
 
 
 def _open_planned(out_dir: str, file: str) -> int:

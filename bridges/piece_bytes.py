@@ -66,18 +66,26 @@ def _merged_writes(offset: int, shape: tuple[int, ...], box, pieces: list[Piece]
     box_shape = region_shape(box)
     raw = raw_numpy_dtype(item)
     values = np.empty(box_shape, dtype=raw)
-    present = np.zeros(box_shape, dtype=bool)
+    # Pieces that tile their box (TP shards of a whole tensor, gathered) need no record of what is there.
+    tiled = sum(numel(p.spec.region) for p in pieces) == values.size
+    present = None if tiled else np.zeros(box_shape, dtype=bool)
     for piece in pieces:
         inside = tuple(slice(s.start - b.start, s.stop - b.start, s.step) for s, b in zip(piece.spec.region, box))
         values[inside] = as_bytes(piece.tensor).view(raw).reshape(region_shape(piece.spec.region))
-        present[inside] = True
+        if present is not None:
+            present[inside] = True
     box_starts, box_lengths = byte_runs(shape, box, item)
+    data = memoryview(values.reshape(-1).view(np.uint8))
+    if present is None:
+        ends = np.cumsum(box_lengths)
+        for start, length, end in zip(box_starts.tolist(), box_lengths.tolist(), ends.tolist()):
+            yield offset + start, data[end - length : end]
+        return
     # Each run of the box is a row of `present`; within it, write each stretch of present elements.
     rows = present.reshape(len(box_starts), -1)
     edges = np.diff(np.pad(rows, ((0, 0), (1, 1))).astype(np.int8), axis=1)
     row_of_start, first = np.nonzero(edges == 1)
     _, last = np.nonzero(edges == -1)
-    data = memoryview(values.reshape(-1).view(np.uint8))
     width = rows.shape[1]
     for row, a, b in zip(row_of_start.tolist(), first.tolist(), last.tolist()):
         begin = (row * width + a) * item

@@ -44,16 +44,7 @@ def byte_runs(shape: tuple[int, ...], region: Region, itemsize: int) -> tuple[np
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     region = _normalised(region)
     strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    run = 1  # elements per run
-    inner = len(shape)  # dims from `inner` on are folded into one run
-    while inner > 0:
-        s = region[inner - 1]
-        if s.step != 1:
-            break
-        run *= s.stop - s.start
-        inner -= 1
-        if s.stop - s.start != shape[inner]:
-            break  # a partial dim ends the run: the next one out repeats it with gaps
+    inner, run = _runs(shape, region)
     base = sum(region[d].start * strides[d] for d in range(inner, len(shape)))
     if all(region[d].stop - region[d].start == 1 for d in range(inner)):  # one run: skip the arrays
         base += sum(region[d].start * strides[d] for d in range(inner))
@@ -63,6 +54,27 @@ def byte_runs(shape: tuple[int, ...], region: Region, itemsize: int) -> tuple[np
         s = region[d]
         offsets = np.add.outer(offsets, np.arange(s.start, s.stop, s.step, dtype=np.int64) * strides[d])
     return _coalesced(offsets.reshape(-1) * itemsize, run * itemsize)
+
+
+def run_elements(shape: tuple[int, ...], region: Region) -> int:
+    """Elements in each contiguous run of a non-empty `region` (as byte_runs cuts them before joining
+    runs that happen to touch): the whole region for a block of leading rows, 1 for a strided last dim."""
+    return _runs(shape, _normalised(region))[1]
+
+
+def _runs(shape: tuple[int, ...], region: list[slice]) -> tuple[int, int]:
+    """(inner, run): dims from `inner` on fold into runs of `run` elements (region normalised)."""
+    run = 1
+    inner = len(shape)
+    while inner > 0:
+        s = region[inner - 1]
+        if s.step != 1:
+            break
+        run *= s.stop - s.start
+        inner -= 1
+        if s.stop - s.start != shape[inner]:
+            break  # a partial dim ends the run: the next one out repeats it with gaps
+    return inner, run
 
 
 def _coalesced(offsets: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,7 @@
 """Synchronous export of a built model, pieces made one at a time while written (`export_pieces(copy=False)`
-with `piece_specs=export_specs(...)`): the same files, byte for byte, as writing a snapshot of all pieces,
-and the parameters are left as they were."""
+with `piece_specs=export_specs(...)`): the same files, byte for byte, as writing a snapshot of all pieces
+and as gathering everything on rank 0 (so TP shards merged before writing land right), and the parameters
+are left as they were."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def export_both_ways(root: str, layouts) -> None:
         specs = hf_tensor_specs(glm45, arch, torch.float32)
         snapshot = list(export_pieces([model], glm45, arch))
         write_checkpoint(snapshot, specs, os.path.join(root, f"{i}_snapshot"), max_shard_bytes=200_000)
+        write_checkpoint(snapshot, specs, os.path.join(root, f"{i}_gather"), max_shard_bytes=200_000, mode="gather")
         del snapshot
         write_checkpoint(export_pieces([model], glm45, arch, copy=False), specs, os.path.join(root, f"{i}_lazy"),
                          max_shard_bytes=200_000, piece_specs=export_specs([model], glm45, arch))
@@ -39,8 +41,11 @@ def export_both_ways(root: str, layouts) -> None:
 def test_lazy_sync_export_writes_the_same_files(tmp_path):
     run_distributed(2, export_both_ways, str(tmp_path), LAYOUTS)
     for i in range(len(LAYOUTS)):
-        snapshot, lazy = tmp_path / f"{i}_snapshot", tmp_path / f"{i}_lazy"
-        files = sorted(os.listdir(snapshot))
-        assert len(files) > 2 and files == sorted(os.listdir(lazy))
-        for file in files:
-            assert filecmp.cmp(snapshot / file, lazy / file, shallow=False), (LAYOUTS[i], file)
+        # gather: rank 0 writes everything; the others: every owner writes, TP shards merged on one of them
+        gather = tmp_path / f"{i}_gather"
+        files = sorted(os.listdir(gather))
+        assert len(files) > 2
+        for other in ("snapshot", "lazy"):
+            assert files == sorted(os.listdir(tmp_path / f"{i}_{other}"))
+            for file in files:
+                assert filecmp.cmp(gather / file, tmp_path / f"{i}_{other}" / file, shallow=False), (LAYOUTS[i], other, file)

@@ -219,3 +219,16 @@ def test_announced_pieces_are_written_one_at_a_time(tmp_path):
     _assert_exact(str(tmp_path))
     with pytest.raises(RankFailure, match="piece 0 was announced as PieceSpec.hf_name='embed.weight'"):
         write_checkpoint(made_one_by_one(), _specs(), str(tmp_path / "x"), piece_specs=specs[1:] + specs[:1])
+
+
+def test_fragmented_pieces_are_merged_on_one_rank_in_an_order_all_can_follow():
+    """Column halves of a row-parallel weight (short runs) go to one writer, taking turns per tensor;
+    when two ranks would meet their merges in opposite orders, none is planned (each writes its runs)."""
+    def halves(name, rank):
+        return PieceSpec(name, (1024, 8), torch.float32, (slice(0, 1024, 1), slice(4 * rank, 4 * rank + 4, 1)))
+
+    rows = PieceSpec("rows", (1024, 8), torch.float32, (slice(0, 512, 1), slice(0, 8, 1)))
+    merges = export_writer._plan_merges([[rows, halves("a", 0), halves("b", 0)], [halves("a", 1), halves("b", 1)]])
+    assert [(m.name, m.writer, m.parts) for m in merges] == [("a", 0, {0: (1,), 1: (0,)}), ("b", 1, {0: (2,), 1: (1,)})]
+    crossed = [[halves("a", 0), halves("b", 0)], [halves("b", 1), halves("a", 1)]]
+    assert export_writer._plan_merges(crossed) == []

@@ -1,7 +1,7 @@
 """The export plan of the real GLM-4.5 (355B: 92 layers, 160 experts, MTP 1) at training layouts of 32 and
 256 ranks, from metadata alone (no model, no tensor): every byte of every HF tensor has exactly one
-writer, files stay under the shard size, the busiest rank writes little more than the mean, and all of
-it takes seconds. `python benchmarks/plan_bench.py` prints the same figures for more layouts."""
+writer, files stay under the shard size, row-parallel shards are merged in an order all ranks can follow,
+the busiest rank writes little more than the mean, and all of it takes seconds. `python benchmarks/plan_bench.py` prints the same figures for more layouts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from bridges.export import hf_tensor_specs
 from bridges.export_coverage import check_coverage
-from bridges.export_writer import DEFAULT_MAX_SHARD_BYTES
+from bridges.export_writer import DEFAULT_MAX_SHARD_BYTES, _plan_merges
 from bridges.export_plan import plan_files
 from bridges.megatron.layout import ParallelLayout
 from bridges.models import glm45
@@ -86,15 +86,21 @@ def test_export_plan_at_full_scale(arch, tensor_specs, layout, world, stages):
     specs_by_rank = planner.all_export_specs(DTYPE)
     check_coverage(tensor_specs, specs_by_rank)  # every element exactly once, no overlap
     plan = plan_files(tensor_specs, DEFAULT_MAX_SHARD_BYTES)
+    merges = _plan_merges(specs_by_rank)  # row-parallel shards gathered in the TP group, in one agreed order
     seconds = time.process_time() - start
 
     total = sum(torch.Size(shape).numel() * itemsize(dtype) for shape, dtype in tensor_specs.values())
     written = [sum(piece_nbytes(spec) for spec in specs) for specs in specs_by_rank]
     assert sum(written) == total == plan.total_size
     assert max(f.size - len(f.header) for f in plan.files) <= DEFAULT_MAX_SHARD_BYTES
+    row_parallel = {n for n in tensor_specs if n.endswith(("o_proj.weight", "down_proj.weight"))}
+    if layout.expert_tp == 1:
+        row_parallel = {n for n in row_parallel if ".mlp.experts." not in n}
+    assert {m.name for m in merges} == row_parallel
     mean = total / world
     print(f"\n{layout} on {world} ranks: {sum(map(len, specs_by_rank))} pieces, {len(plan.files)} files, "
-          f"busiest rank {max(written) / 1e9:.2f} GB = {max(written) / mean:.2f}x the mean, planned in {seconds:.1f} s of CPU")
+          f"{len(merges)} merged tensors, busiest rank {max(written) / 1e9:.2f} GB = {max(written) / mean:.2f}x the mean, "
+          f"planned in {seconds:.1f} s of CPU")
     assert max(written) <= BALANCE * mean
     assert seconds < PLAN_CPU_SECONDS
 
