@@ -30,5 +30,16 @@ train: setup
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
 
+# Export / import against save_file / load_file, training stall, memory, and the GLM-4.5 355B plan:
+# prints a table, writes docs/benchmarks.md, docs/benchmarks.png and the raw figures (a few minutes).
+bench: setup $(VENV)/.bench-installed
+	$(PY) benchmarks/export_import_bench.py $(ARGS)
+	$(PY) benchmarks/plan_bench.py
+	$(PY) benchmarks/report.py
+
+$(VENV)/.bench-installed: pyproject.toml
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $@
+
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -76,7 +76,7 @@ def write_checkpoint(
     else:
         error = _gather_and_write(out_dir, plan, pieces, specs_by_rank, group, batch_bytes, fsync)
     agree(error, "export: writing tensor data", group)
-    agree(_attempt(_write_index, out_dir, plan) if rank == 0 else None, "export: writing the index", group)
+    agree(_attempt(_write_index, out_dir, plan, fsync) if rank == 0 else None, "export: writing the index", group)
     return plan
 
 
@@ -383,12 +383,13 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def _write_index(out_dir: str, plan: FilePlan) -> None:
+def _write_index(out_dir: str, plan: FilePlan, fsync: bool = True) -> None:
     path = os.path.join(out_dir, INDEX_FILE_NAME)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(plan.index_json())
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
