@@ -63,7 +63,8 @@ def import_weights(
         source = mxfp4.dequantized(source, dtype)
     except mxfp4.MXFP4Error as e:  # agreed below with the other findings
         errors.append(str(e))
-    report = ImportReport(expert_layout=module.detect_expert_layout(source.keys()))
+    report = ImportReport()
+    report.expert_layout = _expert_layout(module, source, arch, config, report, errors)
     report.dequantized = sorted(getattr(source, "quantized", ()))
     ruleset = module.rules(arch, report.expert_layout)
     errors += check_source(ruleset, source, dtype, report)
@@ -79,6 +80,21 @@ def import_weights(
             param.tensor.data.copy_(values)
             report.loaded.append(param.local_name)
     return report
+
+
+def _expert_layout(module, source: HFSource, arch: GPTArchitecture, config: dict | None, report: ImportReport,
+                   errors: list[str]) -> str:
+    """The checkpoint's expert layout. Families whose layouts differ in shape, not names (Qwen3-VL-MoE),
+    decide with `expert_layout_of(source, arch, config)` -> (layout, notes); notes become report warnings."""
+    if not hasattr(module, "expert_layout_of"):
+        return module.detect_expert_layout(source.keys())
+    try:
+        layout, notes = module.expert_layout_of(source, arch, config)
+    except ValueError as e:  # agreed below with the other findings
+        errors.append(str(e))
+        return module.EXPERT_LAYOUTS[0]
+    report.warnings += notes
+    return layout
 
 
 def check_source(ruleset: RuleSet, source: HFSource, dtype: torch.dtype | None, report: ImportReport) -> list[str]:
@@ -124,7 +140,7 @@ def check_config(module, arch: GPTArchitecture, config: dict) -> list[str]:
         for key in sorted(set(arch.transformer) | set(source.transformer))
         if arch.transformer.get(key) != source.transformer.get(key)
     ]
-    for key in ("vocab_size", "rotary_percent", "rotary_base", "yarn", "tie_word_embeddings"):
+    for key in ("vocab_size", "rotary_percent", "rotary_base", "yarn", "mrope", "tie_word_embeddings"):
         if getattr(arch, key) != getattr(source, key):
             errors.append(
                 f"config.json {key}: checkpoint has {getattr(source, key)!r}, model has {getattr(arch, key)!r}"

@@ -24,6 +24,7 @@ from bridges.megatron.layout import ParallelLayout
 from bridges.models import family_for
 from bridges.pieces import region_shape
 from bridges.safetensors_io import SafetensorsCheckpoint
+from bridges.vision_tower import VisionTower
 
 
 @dataclass
@@ -66,7 +67,12 @@ def verify(
     arch = family.architecture(config)
     dtype = hfc.dtype(config)
     parallel.initialize(layout)
-    model = build.build_gpt_model(arch, layout)
+    if isinstance(arch.extra.get("vision"), VisionTower):  # text-only logits; the tower's weights round trip
+        from bridges.megatron.vlm import build_vlm_model
+
+        model = build_vlm_model(arch, layout)
+    else:
+        model = build.build_gpt_model(arch, layout)
     source = mxfp4.dequantized(SafetensorsCheckpoint(hf_dir))  # MXFP4 experts: compared dequantized
     imported = import_weights([model], family, arch, source, config=config)
     report = VerifyReport(layout, ignored=imported.ignored, warnings=_gather_list(imported.warnings))
@@ -95,14 +101,15 @@ def verify(
 
 
 def _transformers_logits(hf_dir: str, ids: torch.Tensor, config: dict) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     kwargs = {}
     if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
         from transformers import Mxfp4Config
 
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)  # the weights our import sees
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **kwargs)  # never trust_remote_code
+    auto = AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
+    model = auto.from_pretrained(hf_dir, dtype=torch.float32, **kwargs)  # never trust_remote_code
     model.eval()
     with torch.no_grad():
         return model(ids).logits.float()

@@ -41,6 +41,18 @@ class YarnScaling:
 
 
 @dataclass(frozen=True)
+class MRoPE:
+    """Multimodal rotary embedding: the rotary channels split between temporal, height and width positions
+    (position ids [3, batch, seq]); Megatron-Core's `mrope` position embedding."""
+
+    section: tuple[int, ...]  # rotary frequencies per axis (T, H, W); they sum to the rotary dim / 2
+    interleaved: bool = False  # Qwen3-VL: channels cycle T, H, W, T, H, W, ...; else contiguous sections
+
+    def megatron_fields(self) -> dict[str, Any]:
+        return dict(mrope_section=list(self.section))
+
+
+@dataclass(frozen=True)
 class GPTArchitecture:
     """Everything that fixes the shapes and the maths of a Megatron GPT model."""
 
@@ -52,6 +64,7 @@ class GPTArchitecture:
     tie_word_embeddings: bool = False
     mtp_num_layers: int = 0
     yarn: YarnScaling | None = None  # YaRN rotary scaling; None: plain RoPE
+    mrope: MRoPE | None = None  # multimodal rotary (3-D position ids); None: 1-D positions
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific facts (not for Megatron)
 
     @property
@@ -104,6 +117,8 @@ def transformer_config(
         kwargs.setdefault("moe_router_dtype", "fp32")
         kwargs.setdefault("moe_grouped_gemm", grouped_gemm_fits(kwargs, torch.cuda.is_available(),
                                                                 _transformer_engine_available()))
+    if arch.mrope is not None:
+        kwargs.update(arch.mrope.megatron_fields())
     kwargs.update(overrides or {})
     kwargs = cpu_runtime.adapt_config(kwargs)
     if arch.yarn is not None:
@@ -119,8 +134,10 @@ def build_gpt_model(
     params_dtype: torch.dtype = torch.float32,
     mtp_loss_scaling_factor: float = 0.1,
     overrides: dict[str, Any] | None = None,
+    model_class=None,
 ):
-    """The GPTModel for this rank's pipeline stage (parallel state must be initialised)."""
+    """The GPTModel for this rank's pipeline stage (parallel state must be initialised).
+    `model_class`: a GPTModel subclass to build instead (e.g. bridges.megatron.vlm.VisionLanguageModel)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -137,7 +154,7 @@ def build_gpt_model(
     mtp_spec = None
     if arch.mtp_num_layers:
         mtp_spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_te)
-    model = GPTModel(
+    model = (model_class or GPTModel)(
         config=config,
         transformer_layer_spec=block_spec,
         vocab_size=padded_vocab_size(arch.vocab_size, layout.tp),
@@ -145,13 +162,17 @@ def build_gpt_model(
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="yarn" if arch.yarn else "rope",
+        position_embedding_type="mrope" if arch.mrope else "yarn" if arch.yarn else "rope",
         rotary_percent=arch.rotary_percent,
         rotary_base=int(arch.rotary_base) if float(arch.rotary_base).is_integer() else arch.rotary_base,
         mtp_block_spec=mtp_spec,
     )
     _mark_softmax_offsets_tensor_parallel(model)
     _skip_expert_reductions_over_one_rank(model)
+    if arch.mrope is not None and arch.mrope.interleaved:
+        from bridges.megatron.mrope import InterleavedMultimodalRotaryEmbedding
+
+        model.rotary_pos_emb = InterleavedMultimodalRotaryEmbedding.like(model.rotary_pos_emb)
     return model
 
 

@@ -13,8 +13,9 @@ from bridges.local_params import unwrap
 from bridges.megatron.build import causal_attention_mask
 
 
-def main_logits(model, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[batch, seq, vocab_size] logits of the main model (any MTP block runs but is not in them)."""
+def main_logits(model, input_ids: torch.Tensor, vocab_size: int, **inputs) -> torch.Tensor:
+    """[batch, seq, vocab_size] logits of the main model (any MTP block runs but is not in them).
+    `inputs`: further model inputs (a vision-language model's `pixel_values`, `image_grid_thw`)."""
     from megatron.core import parallel_state as ps
 
     model = unwrap(model)
@@ -37,7 +38,7 @@ def main_logits(model, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor
     model.eval()
     try:
         with torch.no_grad():
-            out = model(input_ids, position_ids, causal_attention_mask(seq), labels=labels)
+            out = model(input_ids, position_ids, causal_attention_mask(seq), labels=labels, **inputs)
     finally:
         model.train(was_training)
         if hook is not None:

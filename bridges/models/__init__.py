@@ -6,9 +6,11 @@ from types import ModuleType
 from typing import Any
 
 from bridges.hf_config import HFConfigError
-from bridges.models import glm45, gpt_oss, qwen3_moe
+from bridges.models import glm45, glm45v, gpt_oss, qwen3_moe, qwen3_vl_moe
 
-FAMILIES: dict[str, ModuleType] = {family.MODEL_TYPE: family for family in (glm45, gpt_oss, qwen3_moe)}
+FAMILIES: dict[str, ModuleType] = {
+    family.MODEL_TYPE: family for family in (glm45, gpt_oss, qwen3_moe, qwen3_vl_moe, glm45v)
+}
 
 
 def family_for(config: dict[str, Any]) -> ModuleType:

@@ -7,6 +7,7 @@ QK norm, partial rotary (0.5) and MTP layers (`num_nextn_predict_layers`).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -122,25 +123,27 @@ _LEGACY_KEYS = {"rope_theta", "partial_rotary_factor", "rope_scaling", "torch_dt
 # ---- weights: HF tensors <-> Megatron parameters -------------------------------------------------
 
 
-def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
-    """The complete rule table of a GLM-4.5 model built as `arch` (global names, every layer)."""
+def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT, prefix: str = "model.") -> RuleSet:
+    """The complete rule table of a GLM-4.5 model built as `arch` (global names, every layer).
+    `prefix`: where the HF decoder lives (GLM-4.5V: `model.language_model.`); `lm_head` stays top level."""
     s = _Shapes(arch)
     n, mtp = arch.num_layers, arch.mtp_num_layers
-    mtp_hf = [f"model.layers.{n + i}." for i in range(mtp)]
+    mtp_hf = [f"{prefix}layers.{n + i}." for i in range(mtp)]
     # Servers read the MTP layer's own embedding and head: copies of the main ones.
     embed_mirrors = tuple(h + "embed_tokens.weight" for h in mtp_hf)
     head_mirrors = tuple(h + "shared_head.head.weight" for h in mtp_hf)
     if arch.tie_word_embeddings:
         embed_mirrors += head_mirrors
     table = [
-        same(EMBEDDING, "model.embed_tokens.weight", s.vocab, vocab_parallel(arch.vocab_size), mirrors=embed_mirrors),
-        same("decoder.final_layernorm.weight", "model.norm.weight", s.norm),
+        same(EMBEDDING, prefix + "embed_tokens.weight", s.vocab, vocab_parallel(arch.vocab_size),
+             mirrors=embed_mirrors),
+        same("decoder.final_layernorm.weight", prefix + "norm.weight", s.norm),
     ]
     if not arch.tie_word_embeddings:
         table.append(same(OUTPUT, "lm_head.weight", s.vocab, vocab_parallel(arch.vocab_size), mirrors=head_mirrors))
     moe_layer = arch.transformer["moe_layer_freq"]
     for layer in range(n):
-        table += _layer(s, f"decoder.layers.{layer}.", f"model.layers.{layer}.", moe_layer[layer], expert_layout)
+        table += _layer(s, f"decoder.layers.{layer}.", f"{prefix}layers.{layer}.", moe_layer[layer], expert_layout)
     for i, h in enumerate(mtp_hf):
         m = f"mtp.layers.{i}."
         table += [
@@ -152,11 +155,12 @@ def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
         # Megatron builds the MTP inner layer like the last decoder layer.
         table += _layer(s, m + MTP_INNER + ".", h, moe_layer[-1], expert_layout)
     ignored = [
-        Ignore(r"model\.layers\.(\d+)\..*", "MTP disabled" if not mtp else f"MTP layer not built (model has {mtp})",
+        Ignore(re.escape(prefix) + r"layers\.(\d+)\..*",
+               "MTP disabled" if not mtp else f"MTP layer not built (model has {mtp})",
                when=lambda m: int(m[1]) >= n + mtp),
     ]
     if arch.tie_word_embeddings:
-        ignored.append(Ignore(r"lm_head\.weight", "tied to model.embed_tokens.weight"))
+        ignored.append(Ignore(r"lm_head\.weight", "tied to " + prefix + "embed_tokens.weight"))
     return RuleSet(table, ignored_hf=ignored)
 
 
