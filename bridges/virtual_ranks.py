@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 
 from bridges.export import family_ruleset, owned_pieces
@@ -139,21 +137,19 @@ class LayoutPlanner:
         """(pipeline stage, expert-parallel rank or None for every rank of the stage) -> rules."""
         placed: dict[tuple[int, int | None], list[Rule]] = {}
         for rule in self.ruleset.rules:
-            for stage in self._stages(rule.megatron):
-                ep_rank = None if rule.expert is None else rule.expert // self._experts_per_rank
-                placed.setdefault((stage, ep_rank), []).append(rule)
+            ep_rank = None if rule.expert is None else rule.expert // self._experts_per_rank
+            placed.setdefault((self._stage(rule.megatron), ep_rank), []).append(rule)
         return placed
 
-    def _stages(self, name: str) -> Iterator[int]:
-        last = self.layout.pp - 1
+    def _stage(self, name: str) -> int:
+        """The pipeline stage that writes parameter `name` (copies elsewhere are added by `params`)."""
         if name == EMBEDDING:
-            yield 0
-        elif m := _LAYER.match(name):
-            yield self._stage_of_layer[int(m[1])]
-        elif name.startswith(_LAST_STAGE):
-            yield last
-        else:
-            raise ValueError(f"{name}: no rule says on which pipeline stage Megatron builds this parameter")
+            return 0
+        if m := _LAYER.match(name):
+            return self._stage_of_layer[int(m[1])]
+        if name.startswith(_LAST_STAGE):
+            return self.layout.pp - 1
+        raise ValueError(f"{name}: no rule says on which pipeline stage Megatron builds this parameter")
 
 
 def _tp(rule: Rule, ranks: Ranks) -> tuple[int, int]:
