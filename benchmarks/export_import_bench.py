@@ -112,12 +112,17 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
     gen = torch.Generator().manual_seed(0)
     reference = {n: torch.randn(shape, generator=gen) for n, (shape, _) in specs.items()} if rank == 0 else None
 
-    def timed(fn) -> float:
-        """Seconds from a common start until the last rank is done."""
+    cpu_seconds: dict[str, list[float]] = {}
+
+    def timed(fn, label: str) -> float:
+        """Seconds from a common start until the last rank is done; this rank's CPU time (user + system,
+        all threads) goes to cpu_seconds[label]: the work itself, whatever else the machine runs."""
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
+        cpu = time.process_time() - cpu
         dist.barrier()
+        cpu_seconds.setdefault(label, []).append(cpu)
         return time.perf_counter() - start
 
     def on_rank0(fn):
@@ -147,7 +152,7 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
     for r in range(repeats):
         contenders = [("ours", our_export, ours_dir), ("save_file", on_rank0(single_writer), ref_dir)]
         for label, fn, out in contenders[:: 1 if r % 2 == 0 else -1]:
-            export[label].append(timed(fn))
+            export[label].append(timed(fn, f"export {label}"))
             remove(out)
     figures["export"] = export
 
@@ -209,7 +214,7 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
     for r in range(repeats):
         contenders = [("ours", our_import), ("load_file", on_rank0(load_and_touch))]
         for label, fn in contenders[:: 1 if r % 2 == 0 else -1]:
-            imported[label].append(timed(fn))
+            imported[label].append(timed(fn, f"import {label}"))
     figures["import"] = imported
 
     # ---- memory: peak above the level before (free heap pages returned first, so reuse counts)
@@ -223,6 +228,7 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
         memory[label] = peak.extra
         remove(ours_dir)
     figures["memory"] = memory
+    figures["cpu_seconds"] = cpu_seconds
     remove(os.path.join(scratch, f"{case}_callback"))
     return figures
 
@@ -257,6 +263,9 @@ def summarise(case: str, ranks: list[dict]) -> dict:
         "case": case, "world": r0["world"], "hf_bytes": r0["hf_bytes"], "largest_tensor": r0["largest_tensor"],
         "tensors": r0["tensors"], "repeats": len(r0["export"]["ours"]),
         "export_ours": med(r0["export"]["ours"]), "export_save_file": med(r0["export"]["save_file"]),
+        # CPU seconds: ours on the busiest rank, the reference on rank 0 (which ran it)
+        "export_ours_cpu": _busiest_cpu(ranks, "export ours"), "export_save_file_cpu": _rank0_cpu(r0, "export save_file"),
+        "import_ours_cpu": _busiest_cpu(ranks, "import ours"), "import_load_file_cpu": _rank0_cpu(r0, "import load_file"),
         "sync_blocked": med(x["blocked"] for x in r0["callback"]["sync"]),
         "async_blocked": med(max(r["callback"]["async"][i]["blocked"] for r in ranks) for i in range(len(r0["callback"]["async"]))),
         "async_seconds": med(x["seconds"] for x in r0["callback"]["async"]),
@@ -280,6 +289,15 @@ def summarise(case: str, ranks: list[dict]) -> dict:
             "callback": {mode: [x["blocked"] for x in runs] for mode, runs in r0["callback"].items()},
         },
     }
+
+
+def _busiest_cpu(ranks: list[dict], label: str) -> float:
+    runs = zip(*(r["cpu_seconds"][label] for r in ranks))
+    return statistics.median(max(run) for run in runs)
+
+
+def _rank0_cpu(r0: dict, label: str) -> float:
+    return statistics.median(r0["cpu_seconds"][label])
 
 
 def main() -> None:
