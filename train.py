@@ -31,16 +31,17 @@ def build_run(cfg: DictConfig):
     from hydra.utils import instantiate
 
     from bridges.megatron.layout import ParallelLayout
-    from recipes.module import MegatronGPTModule
     from recipes.strategy import MegatronStrategy
+    from recipes.vlm_module import module_class_for
 
     precision = str(cfg.trainer.precision)
     if precision not in _PRECISIONS:
         raise ValueError(f"trainer.precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
     params_dtype, lightning_precision = _PRECISIONS[precision]
 
-    module = MegatronGPTModule(
-        hf_config_path=resolve_path(cfg.model.hf_config),
+    hf_config_path = resolve_path(cfg.model.hf_config)
+    module = module_class_for(hf_config_path)(  # vision-language families get their module
+        hf_config_path=hf_config_path,
         mtp_enabled=bool(cfg.mtp.enabled),
         mtp_loss_factor=float(cfg.mtp.loss_factor),
         params_dtype=params_dtype,

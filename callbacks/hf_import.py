@@ -54,7 +54,7 @@ class HFImportCallback(pl.Callback):
             config=config,
             dtype=dtype,
             expert_layout=report.expert_layout,
-            mtp_tensors=mtp_tensor_names(source.keys(), int(config["num_hidden_layers"])),
+            mtp_tensors=mtp_tensor_names(source.keys(), pl_module.arch.num_layers),
         )
         for warning in report.warnings:
             say(f"hf_import: warning: {warning}")

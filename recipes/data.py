@@ -168,7 +168,11 @@ class TokenDataModule(pl.LightningDataModule):
         step_batch = self.step_batch_size(dp_size)
         sampler = DataParallelSampler(len(tokens), dp_rank, dp_size, step_batch, shuffle, drop_last, self.seed,
                                       skip_steps)
-        return DataLoader(TokenDataset(tokens), batch_size=step_batch, sampler=sampler, num_workers=0)
+        return DataLoader(self.dataset(tokens), batch_size=step_batch, sampler=sampler, num_workers=0)
+
+    def dataset(self, tokens) -> Dataset:
+        """The samples served from token rows (subclasses add e.g. images)."""
+        return TokenDataset(tokens)
 
     def train_dataloader(self) -> DataLoader:
         skip = self.consumed_samples // self.global_batch_size

@@ -23,6 +23,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class MegatronGPTModule(pl.LightningModule):
+    model_input_keys: tuple[str, ...] = ()  # batch entries passed to the model as keyword inputs
     def __init__(
         self,
         hf_config_path: str,
@@ -68,7 +69,11 @@ class MegatronGPTModule(pl.LightningModule):
         if self.model is not None:
             return
         self.layout.check(dist.get_world_size(), self.arch.num_experts or 0, self.arch.num_layers)
-        self.model = build.build_gpt_model(
+        self.model = self.build_model()
+
+    def build_model(self):
+        """This rank's Megatron model (subclasses build other GPTModel kinds)."""
+        return build.build_gpt_model(
             self.arch, self.layout, self.params_dtype, mtp_loss_scaling_factor=self.mtp_loss_factor
         )
 
@@ -92,9 +97,12 @@ class MegatronGPTModule(pl.LightningModule):
         inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         seq = inputs.shape[1]
         loss_mask = batch["weight"].to(torch.float32)[:, None].expand(-1, seq).contiguous()
+        if "loss_mask" in batch:  # per-token weights from the data (e.g. no loss on image placeholders)
+            loss_mask = loss_mask * batch["loss_mask"].to(torch.float32)
         position_ids = torch.arange(seq, device=inputs.device).expand_as(inputs)
         mask = build.causal_attention_mask(seq, device=inputs.device)
-        output = model(inputs, position_ids, mask, labels=labels, loss_mask=loss_mask)
+        extra = {key: batch[key] for key in self.model_input_keys if key in batch}
+        output = model(inputs, position_ids, mask, labels=labels, loss_mask=loss_mask, **extra)
         return output, partial(_masked_loss, loss_mask)
 
     def _run_schedule(self, batch, forward_only: bool):
@@ -103,10 +111,8 @@ class MegatronGPTModule(pl.LightningModule):
         tokens = batch["tokens"]
         micro = self.micro_batch_size
         n_micro = tokens.shape[0] // micro
-        microbatches = [
-            {"tokens": tokens[i * micro : (i + 1) * micro], "weight": batch["weight"][i * micro : (i + 1) * micro]}
-            for i in range(n_micro)
-        ]
+        # Every batch entry holds one row per sample (tokens, weight, and e.g. each sample's image).
+        microbatches = [{k: v[i * micro : (i + 1) * micro] for k, v in batch.items()} for i in range(n_micro)]
         model = self.ddp_model if (self.ddp_model is not None and not forward_only) else self.model
         return get_forward_backward_func()(
             forward_step_func=self._forward_step,
