@@ -115,7 +115,7 @@ def check_source(ruleset: RuleSet, source: HFSource, dtype: torch.dtype | None, 
         shape, fixed, _ = expected[name]
         if tuple(source.shape(name)) != tuple(shape):
             errors.append(f"{name} ({where}): expected shape {tuple(shape)}, found {tuple(source.shape(name))}")
-        allowed = {dtype} | ({fixed} if fixed else set())
+        allowed = {dtype} | ({fixed} if fixed else set()) | set(ruleset.accepted_dtypes(name))
         if source.dtype(name) not in allowed:
             want = " or ".join(sorted(str(d) for d in allowed))
             errors.append(f"{name} ({where}): expected dtype {want}, found {source.dtype(name)}")

@@ -33,6 +33,8 @@ class Rule:
     expert: int | None = None  # global expert index: expert params use the expert TP / DP groups
     mirrors: tuple[str, ...] = ()  # HF names holding copies of hf[0]: written on export, checked on import
     dtype: torch.dtype | None = None  # fixed HF dtype; None = the checkpoint's dtype
+    # dtypes import accepts besides the checkpoint's (transformers 5 re-saves some routers in fp32)
+    also_accepts: tuple[torch.dtype, ...] = ()
 
     @property
     def ops(self) -> tuple:
@@ -242,6 +244,10 @@ class RuleSet:
 
     def rule_for(self, megatron_name: str) -> Rule | None:
         return self._by_megatron.get(megatron_name)
+
+    def accepted_dtypes(self, hf_name: str) -> tuple[torch.dtype, ...]:
+        """Extra dtypes an import accepts for `hf_name` (see Rule.also_accepts)."""
+        return next((r.also_accepts for r in self.rules if hf_name in r.hf), ())
 
     def hf_ignore_reason(self, name: str) -> str | None:
         return _reason(self.ignored_hf, name)

@@ -176,7 +176,8 @@ def _layer(s: "_Shapes", m: str, h: str, moe: bool, expert_layout: str) -> list[
     if not moe:
         return table + gated_mlp(m + "mlp.", h + "mlp.", t["ffn_hidden_size"], t["hidden_size"])
     table += [
-        same(m + "mlp.router.weight",      h + "mlp.gate.weight",                  s.router),
+        # transformers keeps the router in fp32 (_keep_in_fp32_modules_strict) and saves it so
+        same(m + "mlp.router.weight",      h + "mlp.gate.weight",                  s.router, also_accepts=(torch.float32,)),
         # A buffer in Megatron, kept in fp32 by both sides (hub checkpoints store it as F32).
         same(m + "mlp.router.expert_bias", h + "mlp.gate.e_score_correction_bias", s.expert_bias, dtype=torch.float32),
     ]

@@ -68,6 +68,13 @@ def checks_world_1(directory):
         unchanged = all(torch.equal(t, before[n]) for n, t in model.state_dict().items() if torch.is_tensor(t))
         out[case] = (message, unchanged)
 
+    # A bf16 checkpoint re-saved by transformers 5 keeps routers in fp32: accepted, values loaded.
+    resaved = {n: t if n.endswith(("mlp.gate.weight", "e_score_correction_bias")) else t.to(torch.bfloat16)
+               for n, t in tensors.items()}
+    import_weights([model], glm45, arch, DictSource(resaved, where=WHERE))
+    router = model.decoder.layers[2].mlp.router.weight
+    out["fp32_router"] = torch.equal(router, tensors["model.layers.2.mlp.gate.weight"])
+
     # Mirrors: a differing MTP copy of the embedding is reported, not fatal.
     mirrored = dict(tensors)
     mirrored["model.layers.4.embed_tokens.weight"] = mirrored["model.layers.4.embed_tokens.weight"] + 1
@@ -128,6 +135,10 @@ def test_bad_checkpoint_is_refused_and_nothing_changes(world_1, case, names):
     for name in names:
         assert name in message
     assert unchanged, f"{case}: a parameter changed although the import failed"
+
+
+def test_fp32_router_in_a_bf16_checkpoint_is_accepted(world_1):
+    assert world_1["fp32_router"]
 
 
 def test_differing_mtp_copy_is_reported(world_1):
