@@ -169,11 +169,38 @@ def build_gpt_model(
     )
     _mark_softmax_offsets_tensor_parallel(model)
     _skip_expert_reductions_over_one_rank(model)
+    _mask_vocab_padding(model, arch.vocab_size, layout.tp)
     if arch.mrope is not None and arch.mrope.interleaved:
         from bridges.megatron.mrope import InterleavedMultimodalRotaryEmbedding
 
         model.rotary_pos_emb = InterleavedMultimodalRotaryEmbedding.like(model.rotary_pos_emb)
     return model
+
+
+def _mask_vocab_padding(model, vocab_size: int, tp: int) -> None:
+    """Give the padded vocabulary rows (TP needs vocab % tp == 0) a logit of -inf in effect.
+
+    Megatron's cross-entropy takes the softmax over every row it holds; padded rows at logit 0 would
+    add to the denominator, so the loss (and its gradients) would differ from the unpadded model.
+    """
+    from megatron.core import parallel_state
+
+    padded = padded_vocab_size(vocab_size, tp)
+    output_layer = getattr(model, "output_layer", None)
+    if padded == vocab_size or output_layer is None:
+        return
+    local = padded // tp
+    first_padded = vocab_size - parallel_state.get_tensor_model_parallel_rank() * local
+    if first_padded >= local:
+        return  # this TP rank holds no padding
+
+    def hook(module, args, output):
+        logits, bias = output
+        mask = torch.zeros(local, dtype=torch.bool, device=logits.device)
+        mask[max(first_padded, 0):] = True
+        return logits.masked_fill(mask, torch.finfo(logits.dtype).min), bias
+
+    output_layer.register_forward_hook(hook)
 
 
 def _mark_softmax_offsets_tensor_parallel(model) -> None:

@@ -28,13 +28,15 @@ def source(tmp_path_factory):
     return d
 
 
-def test_eval_recipe_reports_the_transformers_nll(source, tmp_path):
+@pytest.mark.parametrize("layout", [["parallel.ep=2"], ["parallel.tp=2", "parallel.ep=1"]], ids=["ep2", "tp2"])
+def test_eval_recipe_reports_the_transformers_nll(source, tmp_path, layout):
+    # vocab 101 is padded to 102 under TP2: the padded logit must not count in the loss
     from transformers import AutoModelForCausalLM
 
     tokens = np.random.default_rng(1).integers(0, 101, (10, 17))  # 10 rows: padded to whole steps on 2 ranks
     np.save(tmp_path / "tokens.npy", tokens)
     done = train(tmp_path / "run", "recipe=glm45_eval", f"hf_import.path={source}", "data=tokens",
-                 f"data.path={tmp_path}/tokens.npy", "data.seq_length=16", "data.global_batch_size=4")
+                 f"data.path={tmp_path}/tokens.npy", "data.seq_length=16", "data.global_batch_size=4", *layout)
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 
