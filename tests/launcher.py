@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import socket
 import sys
+import tempfile
 import traceback
 
 import torch.multiprocessing as mp
@@ -23,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, rendezvous, fn, args, queue):
     import torch
     import torch.distributed as dist
 
@@ -36,7 +38,8 @@ def _worker(rank, world_size, port, fn, args, queue):
     )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # A file rendezvous: no TCP port that another process could take between choice and use.
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
         # Plain pickle copies tensors by value: torch's queue would pass them as file descriptors,
         # which vanish if this process exits before the parent reads them.
         queue.put((rank, True, pickle.dumps(fn(*args))))
@@ -54,9 +57,11 @@ def _worker(rank, world_size, port, fn, args, queue):
 def run_distributed(world_size: int, fn, *args, timeout: float = 600.0):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = free_port()
+    port = free_port()  # only for code that reads MASTER_PORT (Lightning); the group uses the file
+    rendezvous_dir = tempfile.mkdtemp(prefix="launcher-")
+    rendezvous = os.path.join(rendezvous_dir, "rendezvous")
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=True)
+        ctx.Process(target=_worker, args=(rank, world_size, port, rendezvous, fn, args, queue), daemon=True)
         for rank in range(world_size)
     ]
     for p in procs:
@@ -83,6 +88,7 @@ def run_distributed(world_size: int, fn, *args, timeout: float = 600.0):
         p.join(timeout=5)
         if p.is_alive():
             p.kill()
+    shutil.rmtree(rendezvous_dir, ignore_errors=True)
     if failures:
         rank = min(failures)
         raise AssertionError(f"rank {rank} of {world_size} failed:\n{failures[rank]}")
