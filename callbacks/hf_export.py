@@ -9,12 +9,14 @@ renamed into place only when complete. Decisions use step counts only, so every 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import shutil
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import lightning.pytorch as pl
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
 from bridges import export_dir
-from bridges.export import export_pieces, hf_tensor_specs
+from bridges.export import export_pieces, export_specs, hf_tensor_specs
 from bridges.export_writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
 from bridges.hf_config import dtype_name
 from bridges.pieces import Piece, PieceSpec, full_region
@@ -43,7 +45,8 @@ class HFExportError(RuntimeError):
 class _Job:
     step: int
     final: str
-    pieces: list[Piece]
+    pieces: Iterable[Piece]  # a list (async snapshot) or a generator (sync, made while writing)
+    piece_specs: list[PieceSpec] | None  # announced beforehand when `pieces` is a generator
     specs: dict
     config: dict
     trainer_state: dict
@@ -154,24 +157,33 @@ class HFExportCallback(pl.Callback):
             self._finish_pending(trainer)
 
     def _snapshot(self, trainer, pl_module, step: int, final: str) -> _Job:
-        """Host copies of the pieces this rank writes, plus everything rank 0 adds to the directory."""
+        """What this rank writes (async: host copies; sync: made while writing), plus what rank 0 adds."""
         start = time.monotonic()
         source = getattr(pl_module, "hf_source", None)
         dtype = self.dtype or (source.dtype if source else pl_module.params_dtype)
         layout = source.expert_layout if source else None
         arch = pl_module.arch
         specs = hf_tensor_specs(pl_module.family, arch, dtype, layout)
-        pieces = list(export_pieces([pl_module.model], pl_module.family, arch, dtype, layout))
+        model = [pl_module.model]
+        if self.async_write:
+            # The snapshot: host copies of this rank's pieces, so training may change the weights.
+            pieces = list(export_pieces(model, pl_module.family, arch, dtype, layout))
+            piece_specs = None
+        else:
+            # Training waits: pieces are made one at a time while writing, sharing parameter memory.
+            pieces = export_pieces(model, pl_module.family, arch, dtype, layout, copy=False)
+            piece_specs = export_specs(model, pl_module.family, arch, dtype, layout)
         config_arch = arch
         if self.mtp_passthrough and not pl_module.mtp_enabled and source and source.mtp_tensors:
             # MTP off in this run: carry the source's MTP tensors through unchanged, keep its count.
             config_arch = replace(arch, mtp_num_layers=int(source.config.get("num_nextn_predict_layers") or 0))
             reader = SafetensorsCheckpoint(source.path)
-            for name in source.mtp_tensors:
-                specs[name] = (tuple(reader.shape(name)), reader.dtype(name))
-                if trainer.global_rank == 0:
-                    tensor = reader.read(name)
-                    pieces.append(Piece(PieceSpec(name, tuple(tensor.shape), tensor.dtype, full_region(tuple(tensor.shape))), tensor))
+            carried = [PieceSpec(n, tuple(reader.shape(n)), reader.dtype(n), full_region(tuple(reader.shape(n))))
+                       for n in source.mtp_tensors]
+            specs.update({c.hf_name: (c.hf_shape, c.dtype) for c in carried})
+            if trainer.global_rank == 0:  # rank 0 writes them, read from the source while writing
+                pieces = itertools.chain(pieces, (Piece(c, reader.read(c.hf_name)) for c in carried))
+                piece_specs = None if piece_specs is None else piece_specs + carried
         config = pl_module.family.hf_config(config_arch, source.config if source else None, dtype)
         datamodule = trainer.datamodule
         gbs = getattr(datamodule, "global_batch_size", None)
@@ -188,7 +200,7 @@ class HFExportCallback(pl.Callback):
         }
         companions = source.companion_files() if source else []
         now = time.monotonic()
-        return _Job(step, final, pieces, specs, config, trainer_state, companions, now - start, now)
+        return _Job(step, final, pieces, piece_specs, specs, config, trainer_state, companions, now - start, now)
 
     def _write(self, job: _Job, global_rank: int) -> None:
         """Collective over the export group; records the outcome in the job (agreed by all ranks)."""
@@ -197,7 +209,7 @@ class HFExportCallback(pl.Callback):
             if global_rank == 0 and os.path.exists(staging):
                 shutil.rmtree(staging)
             write_checkpoint(job.pieces, job.specs, staging, group=self._group,
-                             max_shard_bytes=self.max_shard_bytes, mode=self.mode)
+                             max_shard_bytes=self.max_shard_bytes, mode=self.mode, piece_specs=job.piece_specs)
             job.nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in job.specs.values())
             job.pieces = []  # release host memory as soon as the bytes are on disk
             job.seconds = time.monotonic() - job.started + job.snapshot_seconds
