@@ -50,7 +50,7 @@ def build_run(cfg: DictConfig):
     )
     layout = ParallelLayout(**OmegaConf.to_container(cfg.parallel))
     world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
-    layout.check(world_size, module.arch.num_experts or 0, module.arch.num_layers)
+    layout.check(world_size, module.arch.num_experts or 0, module.arch.num_layers, module.arch.expert_biases)
 
     data = instantiate(cfg.data)
     if data.path:

@@ -75,6 +75,11 @@ class GPTArchitecture:
     def num_experts(self) -> int | None:
         return self.transformer.get("num_moe_experts")
 
+    @property
+    def expert_biases(self) -> bool:
+        """Experts carry biases (Megatron's one switch, add_bias_linear, covers them)."""
+        return bool(self.num_experts and self.transformer.get("add_bias_linear"))
+
     def without_mtp(self) -> "GPTArchitecture":
         return replace(self, mtp_num_layers=0)
 

@@ -26,7 +26,8 @@ class ParallelLayout:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp)
 
-    def check(self, world_size: int, num_experts: int | None = None, num_layers: int | None = None) -> None:
+    def check(self, world_size: int, num_experts: int | None = None, num_layers: int | None = None,
+              expert_biases: bool = False) -> None:
         for name, value in (("tp", self.tp), ("pp", self.pp), ("ep", self.ep), ("etp", self.expert_tp)):
             if value < 1:
                 raise LayoutError(f"parallel.{name} must be >= 1, got {value}")
@@ -35,6 +36,12 @@ class ParallelLayout:
             raise LayoutError(f"parallel.ep={self.ep} needs an MoE model, this model has no experts")
         if num_experts and num_experts % self.ep:
             raise LayoutError(f"parallel.ep={self.ep} does not divide the expert count {num_experts}")
+        if expert_biases and num_experts and self.expert_tp > 1:
+            # Megatron-Core 0.16: "Bias in Moe is only supported when ETP==1"
+            raise LayoutError(
+                f"this model's experts have biases, which Megatron-Core supports only with expert tensor "
+                f"parallel 1: set parallel.etp=1 (got {self.expert_tp})"
+            )
         if num_layers is not None and num_layers % self.pp:
             raise LayoutError(f"parallel.pp={self.pp} does not divide the layer count {num_layers}")
         if world_size % (self.tp * self.pp):

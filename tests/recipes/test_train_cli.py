@@ -52,8 +52,9 @@ def test_validate_mode_reports_val_loss_without_mtp(tmp_path):
         (["data=tokens", "data.path=/no/such/tokens.npy"], "data.path: token file '/no/such/tokens.npy' does not exist"),
         (["data.global_batch_size=7"], "data.global_batch_size=7 is not divisible"),
         (["model.hf_config=/no/such/model"], "no HF config at '/no/such/model'"),
+        (["recipe=gpt_oss", "parallel.tp=2", "parallel.ep=1", "parallel.etp=2"], "set parallel.etp=1 (got 2)"),
     ],
-    ids=["ep-vs-experts", "world-vs-layout", "pp-vs-layers", "missing-data", "batch", "missing-config"],
+    ids=["ep-vs-experts", "world-vs-layout", "pp-vs-layers", "missing-data", "batch", "missing-config", "expert-bias-etp"],
 )
 def test_bad_values_fail_fast_with_one_line(tmp_path, overrides, message):
     done = train(tmp_path, *overrides, timeout=120)
