@@ -5,7 +5,6 @@ Each distributed function runs several scenarios in the same processes (start-up
 
 import json
 import os
-import shutil
 
 import pytest
 import torch

@@ -13,12 +13,7 @@ import torch
 from bridges.export_dir import is_complete
 from tests.bridges.glm45_tiny import make_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def train(run_dir, *overrides, timeout=300):
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+from tests.train_runs import ROOT, train
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +30,7 @@ def test_eval_recipe_reports_the_transformers_nll(source, tmp_path, layout):
 
     tokens = np.random.default_rng(1).integers(0, 101, (10, 17))  # 10 rows: padded to whole steps on 2 ranks
     np.save(tmp_path / "tokens.npy", tokens)
-    done = train(tmp_path / "run", "recipe=glm45_eval", f"hf_import.path={source}", "data=tokens",
+    done = train(tmp_path, "recipe=glm45_eval", f"hf_import.path={source}", "data=tokens",
                  f"data.path={tmp_path}/tokens.npy", "data.seq_length=16", "data.global_batch_size=4", *layout)
     assert done.returncode == 0, done.stderr[-3000:]
     import json
@@ -57,7 +52,7 @@ def test_truncated_source_fails_before_training_with_the_file_named(source, tmp_
         if name.endswith(".safetensors"):
             data = data[: len(data) // 2]
         (broken / name).write_bytes(data)
-    done = train(tmp_path / "run", f"hf_import.path={broken}", "trainer.max_steps=2")
+    done = train(tmp_path, f"hf_import.path={broken}", "trainer.max_steps=2")
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors and "model.safetensors" in errors[0], done.stderr[-2000:]
@@ -75,7 +70,7 @@ def test_mismatched_source_is_refused_naming_the_tensor(source, tmp_path):
     tensors = load_file(os.path.join(source, "model.safetensors"))
     tensors["model.layers.1.self_attn.o_proj.weight"] = tensors["model.layers.1.self_attn.o_proj.weight"][:, :-1].contiguous()
     save_file(tensors, str(bad / "model.safetensors"))
-    done = train(tmp_path / "run", f"hf_import.path={bad}", "trainer.max_steps=2")
+    done = train(tmp_path, f"hf_import.path={bad}", "trainer.max_steps=2")
     assert done.returncode != 0
     assert "model.layers.1.self_attn.o_proj.weight" in done.stderr
     assert "no parameter was changed" in done.stderr

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from recipes.data import DataConfigError, DataParallelSampler, TokenDataset, load_token_file, synthetic_tokens
 

@@ -2,8 +2,6 @@
 exports load in transformers; a run imported from an MXFP4 checkpoint exports the dequantized layout (no
 `quantization_config`) whose transformers logits equal the Megatron model's."""
 
-import csv
-import glob
 import json
 
 import torch
@@ -11,25 +9,13 @@ import torch
 from tests.bridges.gpt_oss_tiny import make_checkpoint, write_mxfp4
 from tests.callbacks.test_hf_callbacks import PROBE_IDS, _fit
 from tests.launcher import run_distributed
-from tests.recipes.test_train_cli import train
+from tests.train_runs import check_recipe_exports
 
 
 def test_recipe_trains_and_its_exports_load_in_transformers(tmp_path):
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
-    done = train(tmp_path, "recipe=gpt_oss", "trainer.max_steps=4", "hf_export.every_n_train_steps=2")
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = tmp_path / "run"
-    rows = list(csv.DictReader(open(glob.glob(str(run / "logs" / "**" / "metrics.csv"), recursive=True)[0])))
-    losses = [float(r["train/lm_loss"]) for r in rows if r.get("train/lm_loss")]
-    assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, losses
-    assert "train/mtp_loss" not in json.load(open(run / "metrics.json"))  # the family has no MTP
-
-    hf = run / "hf"
-    assert (hf / "latest").read_text().strip() == "step_4" and (hf / "step_2").is_dir()
-    model, info = AutoModelForCausalLM.from_pretrained(str(hf / "step_4"), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    hf, model = check_recipe_exports(tmp_path, "gpt_oss")
     assert model.config.layer_types == ["sliding_attention", "full_attention"] * 2
     assert model.config.rope_parameters["rope_type"] == "yarn" and model.config.sliding_window == 16
     with torch.no_grad():

@@ -1,21 +1,11 @@
 """`python train.py ...` as a user runs it: the embedded default trains, bad values fail fast."""
 
-import csv
-import glob
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def train(tmp_path, *overrides, timeout=300):
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}/run", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+from tests.train_runs import logged_losses, train
 
 
 def test_default_recipe_trains_with_expert_parallelism_and_falling_loss(tmp_path):
@@ -24,8 +14,7 @@ def test_default_recipe_trains_with_expert_parallelism_and_falling_loss(tmp_path
     assert f"outputs: {tmp_path}/run" in done.stdout
     metrics = json.load(open(tmp_path / "run" / "metrics.json"))
     assert metrics["global_step"] == 12
-    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "run" / "logs" / "**" / "metrics.csv"), recursive=True)[0])))
-    train_losses = [float(r["train/lm_loss"]) for r in rows if r.get("train/lm_loss")]
+    train_losses = logged_losses(tmp_path / "run")
     assert len(train_losses) == 12
     assert train_losses[-1] < train_losses[0] - 0.5
     assert metrics["train/lm_loss"] == pytest.approx(train_losses[-1])

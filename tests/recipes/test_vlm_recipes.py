@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.recipes.test_train_cli import train
+from tests.train_runs import train
 
 MODEL_CLASSES = {"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "glm45v": "Glm4vMoeForConditionalGeneration"}
 
