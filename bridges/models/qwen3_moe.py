@@ -136,19 +136,30 @@ def _sparse_step(pattern: list[int], preferred: int) -> tuple[int, list[int]]:
 def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
     """The complete rule table of a Qwen3-MoE model built as `arch` (global names, every layer).
     `expert_layout`: per-expert (hub checkpoints, `save_pretrained`) or fused (transformers 5 in memory)."""
+    table, ignored = language_model_rules(
+        arch, "model.", lambda m, h, experts, ffn, hidden: routed_experts(m, h, experts, ffn, hidden, expert_layout)
+    )
+    return RuleSet(table, ignored_hf=ignored)
+
+
+def language_model_rules(arch: GPTArchitecture, prefix: str, experts_rules) -> tuple[list, list]:
+    """(rules, ignored HF names) of a Qwen3-MoE language model stored under `prefix` (e.g. "model.").
+
+    `experts_rules(megatron_prefix, hf_prefix, experts, ffn, hidden)` gives a MoE layer's routed
+    experts, so families that store them differently (Qwen3-VL-MoE) share the rest of the table."""
     t = arch.transformer
     hidden, vocab = t["hidden_size"], (arch.vocab_size, t["hidden_size"])
     table = [
-        same(EMBEDDING, "model.embed_tokens.weight", vocab, vocab_parallel(arch.vocab_size)),
-        same("decoder.final_layernorm.weight", "model.norm.weight", (hidden,)),
+        same(EMBEDDING, prefix + "embed_tokens.weight", vocab, vocab_parallel(arch.vocab_size)),
+        same("decoder.final_layernorm.weight", prefix + "norm.weight", (hidden,)),
     ]
     ignored = []
     if arch.tie_word_embeddings:
-        ignored.append(Ignore(r"lm_head\.weight", "tied to model.embed_tokens.weight"))
+        ignored.append(Ignore(r"lm_head\.weight", f"tied to {prefix}embed_tokens.weight"))
     else:
         table.append(same(OUTPUT, "lm_head.weight", vocab, vocab_parallel(arch.vocab_size)))
     for layer, moe in enumerate(t["moe_layer_freq"]):
-        m, h = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+        m, h = f"decoder.layers.{layer}.", f"{prefix}layers.{layer}."
         table += [
             same(m + "input_layernorm.weight",   h + "input_layernorm.weight",          (hidden,)),
             same(m + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight", (hidden,)),
@@ -157,8 +168,8 @@ def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
         ]
         if moe:
             table.append(same(m + "mlp.router.weight", h + "mlp.gate.weight", (t["num_moe_experts"], hidden)))
-            table += routed_experts(m + "mlp.experts.", h + "mlp.experts.", t["num_moe_experts"],
-                                    t["moe_ffn_hidden_size"], hidden, expert_layout)
+            table += experts_rules(m + "mlp.experts.", h + "mlp.experts.", t["num_moe_experts"],
+                                   t["moe_ffn_hidden_size"], hidden)
         else:
             table += gated_mlp(m + "mlp.", h + "mlp.", t["ffn_hidden_size"], hidden)
-    return RuleSet(table, ignored_hf=ignored)
+    return table, ignored

@@ -16,12 +16,10 @@ from typing import Any
 
 from bridges import hf_config as hfc
 from bridges import vlm_config
-from bridges.local_params import EMBEDDING, OUTPUT
 from bridges.megatron.build import GPTArchitecture, MRoPE
+from bridges.models import qwen3_moe
 from bridges.models.qwen3_moe import moe_layer_pattern, num_experts
-from bridges.rules import FUSED, Ignore, RuleSet, attention, fused_expert, fused_gated_expert, gated_mlp, \
-    routed_experts, same
-from bridges.sharding import vocab_parallel
+from bridges.rules import FUSED, RuleSet, fused_expert, fused_gated_expert, routed_experts
 from bridges.vision_tower import VisionTower
 
 MODEL_TYPE = "qwen3_vl_moe"
@@ -159,34 +157,12 @@ def rules(arch: GPTArchitecture, expert_layout: str = IN_OUT) -> RuleSet:
     `expert_layout`: IN_OUT (released checkpoints, the default) or FUSED (transformers 5 save_pretrained)."""
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"qwen3_vl_moe: expert layout {expert_layout!r} is not one of {EXPERT_LAYOUTS}")
-    t = arch.transformer
-    hidden, vocab, experts = t["hidden_size"], (arch.vocab_size, t["hidden_size"]), t["num_moe_experts"]
-    table = [
-        same(EMBEDDING, TEXT + "embed_tokens.weight", vocab, vocab_parallel(arch.vocab_size)),
-        same("decoder.final_layernorm.weight", TEXT + "norm.weight", (hidden,)),
-    ]
-    ignored = []
-    if arch.tie_word_embeddings:
-        ignored.append(Ignore(r"lm_head\.weight", f"tied to {TEXT}embed_tokens.weight"))
+    if expert_layout == FUSED:
+        def experts_rules(m, h, experts, ffn, hidden):
+            return routed_experts(m, h, experts, ffn, hidden, FUSED)
     else:
-        table.append(same(OUTPUT, "lm_head.weight", vocab, vocab_parallel(arch.vocab_size)))
-    for layer, moe in enumerate(t["moe_layer_freq"]):
-        m, h = f"decoder.layers.{layer}.", f"{TEXT}layers.{layer}."
-        table += [
-            same(m + "input_layernorm.weight",   h + "input_layernorm.weight",          (hidden,)),
-            same(m + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight", (hidden,)),
-            *attention(m + "self_attention.", h + "self_attn.", hidden, t["num_attention_heads"],
-                       t["num_query_groups"], t["kv_channels"], qk_norm=True),
-        ]
-        if not moe:
-            table += gated_mlp(m + "mlp.", h + "mlp.", t["ffn_hidden_size"], hidden)
-            continue
-        table.append(same(m + "mlp.router.weight", h + "mlp.gate.weight", (experts, hidden)))
-        if expert_layout == FUSED:
-            table += routed_experts(m + "mlp.experts.", h + "mlp.experts.", experts, t["moe_ffn_hidden_size"],
-                                    hidden, FUSED)
-        else:
-            table += _experts_in_out(m + "mlp.experts.", h + "mlp.experts.", experts, t["moe_ffn_hidden_size"], hidden)
+        experts_rules = _experts_in_out
+    table, ignored = qwen3_moe.language_model_rules(arch, TEXT, experts_rules)
     table += arch.extra["vision"].rules(VISUAL)
     return RuleSet(table, ignored_hf=ignored)
 
