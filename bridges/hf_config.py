@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from bridges.files import CheckpointFileError, check_regular_file
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,10 +32,14 @@ def config_path(path: str) -> str:
 def load_config(path: str) -> dict[str, Any]:
     file = config_path(path)
     try:
+        check_regular_file(file)  # a FIFO would block the read forever
+    except CheckpointFileError as e:
+        raise HFConfigError(f"cannot read HF config: {e}") from None
+    try:
         with open(file) as f:
             config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise HFConfigError(f"cannot read HF config {file}: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise HFConfigError(f"cannot read HF config {file}: {e}") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise HFConfigError(f"{file} has no 'model_type'; is it an HF model config?")
     return config

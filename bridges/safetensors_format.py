@@ -119,6 +119,8 @@ def read_header(path: str) -> FileHeader:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SafetensorsFormatError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
+    except RecursionError:
+        raise SafetensorsFormatError(f"{path}: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise SafetensorsFormatError(f"{path}: header is a JSON {type(header).__name__}, expected an object")
     return _validate(path, header, data_start=8 + header_len, file_size=file_size)

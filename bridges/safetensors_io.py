@@ -14,6 +14,7 @@ import os
 import numpy as np
 import torch
 
+from bridges.files import CheckpointFileError, check_regular_file
 from bridges.pieces import Region, full_region, region_shape
 from bridges.regions import byte_runs, check_region
 from bridges.safetensors_format import (
@@ -57,6 +58,7 @@ class SafetensorsCheckpoint:
         self.bytes_read = 0
         paths = _weight_files(directory)
         for path in paths:
+            _check_file(path)
             self._headers[path] = header = read_header(path)
             for name, entry in header.tensors.items():
                 if name in self._entries:
@@ -159,6 +161,14 @@ class SafetensorsCheckpoint:
             )
 
 
+def _check_file(path: str) -> None:
+    # A FIFO or device named like a shard would block the first read forever: refused before opening.
+    try:
+        check_regular_file(path)
+    except CheckpointFileError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def _private_view(path: str, offset: int, size: int) -> torch.Tensor:
     """`size` bytes at `offset` as a uint8 tensor over a map of its own: copy-on-write, so writes to one
     result never reach the file nor any other result. The map lives as long as the tensor."""
@@ -171,13 +181,14 @@ def _private_view(path: str, offset: int, size: int) -> torch.Tensor:
 def _weight_files(directory: str) -> list[str]:
     """The .safetensors files that hold the weights: those the index names, else model.safetensors, else all."""
     index_path = os.path.join(directory, INDEX_FILE_NAME)
-    if os.path.isfile(index_path):
+    if os.path.lexists(index_path):
+        _check_file(index_path)
         files = sorted(set(_read_weight_map(index_path).values()))
-        missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+        missing = [f for f in files if not os.path.lexists(os.path.join(directory, f))]
         if missing:
             raise CheckpointError(f"{index_path}: names files that do not exist: {missing}")
         return [os.path.join(directory, f) for f in files]
-    if os.path.isfile(os.path.join(directory, SINGLE_FILE_NAME)):
+    if os.path.lexists(os.path.join(directory, SINGLE_FILE_NAME)):
         return [os.path.join(directory, SINGLE_FILE_NAME)]
     found = sorted(glob.glob(os.path.join(glob.escape(directory), "*.safetensors")))
     if found:

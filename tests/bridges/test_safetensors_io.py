@@ -174,3 +174,36 @@ def test_mapped_reads_are_private_and_outlive_close(tmp_path, monkeypatch):
     whole.mul_(2)  # copy-on-write: the file and other readers never see it
     assert file.read_bytes() == before
     assert torch.equal(rows, expected[1:2]) and torch.equal(whole, expected * 2)
+
+
+@pytest.mark.parametrize("layout", ["single", "glob", "index"])
+def test_fifo_shard_is_refused_before_opening(tmp_path, layout):
+    """A FIFO named like a shard would block the first read forever: refused from its mode alone."""
+    names = {"single": "model.safetensors", "glob": "weights.safetensors", "index": "model-00001-of-00001.safetensors"}
+    os.mkfifo(tmp_path / names[layout])
+    if layout == "index":
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": names[layout]}}))
+    with pytest.raises(CheckpointError, match="not a regular file \\(a FIFO\\)"):
+        SafetensorsCheckpoint(str(tmp_path))
+
+
+def test_fifo_index_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "model.safetensors.index.json")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a regular file"):
+        SafetensorsCheckpoint(str(tmp_path))
+
+
+def test_hub_cache_snapshot_with_symlinked_shards_reads(tmp_path):
+    """Hub cache layout: snapshots/<rev>/model.safetensors -> ../../blobs/<hash>."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    save_file({"w": torch.arange(6.0).reshape(2, 3)}, str(blobs / "0123"))
+    os.symlink("../../blobs/0123", snap / "model.safetensors")
+    with SafetensorsCheckpoint(str(snap)) as ckpt:
+        assert torch.equal(ckpt.read("w"), torch.arange(6.0).reshape(2, 3))
+
+
+def test_deeply_nested_header_is_a_format_error(tmp_path):
+    path = _raw_file(tmp_path / "n.safetensors", b"[" * 100_000 + b"]" * 100_000, 0)
+    assert "nested too deeply" in _error(path)
