@@ -123,10 +123,19 @@ def check_source(ruleset: RuleSet, source: HFSource, dtype: torch.dtype | None, 
         if name in present:
             continue
         if mirror:  # a copy of a main weight: loading does not need it
-            report.warnings.append(f"{name}: missing in {source.where(name)} (a copy of a main weight)")
+            report.warnings.append(f"{name}: missing in {_location(source, name)} (a copy of a main weight)")
         else:
-            errors.append(f"{name}: missing in {source.where(name)}")
+            errors.append(f"{name}: missing in {_location(source, name)}")
     return errors
+
+
+def _location(source: HFSource, name: str) -> str:
+    """Where `name` is, or would be: the file holding it, else the checkpoint (a missing name has no file)."""
+    try:
+        return source.where(name)
+    except KeyError:
+        inner = getattr(source, "source", source)  # a dequantizing view names its checkpoint
+        return str(getattr(inner, "directory", "the checkpoint"))
 
 
 def check_config(module, arch: GPTArchitecture, config: dict) -> list[str]:

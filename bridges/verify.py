@@ -21,7 +21,8 @@ from bridges.load import import_weights
 from bridges.megatron import build, parallel
 from bridges.megatron.forward import main_logits
 from bridges.megatron.layout import ParallelLayout
-from bridges.models import family_for
+from bridges.errors import debug, user_errors
+from bridges.models import family_for, family_module
 from bridges.pieces import region_shape
 from bridges.safetensors_io import SafetensorsCheckpoint
 from bridges.vision_tower import VisionTower
@@ -79,14 +80,19 @@ def verify(
     report.imported = sum(_gather_list([len(imported.loaded)]))
 
     # Round trip: each rank compares the pieces it owns; coverage is checked on metadata from all ranks.
+    # Optional tensors (MTP copies of the embedding / head) are compared only where the source has them.
+    present = set(source.keys())
+    rules = family_module(family).rules(arch, imported.expert_layout).hf_tensors()
+    absent_optional = {name for name, (_, _, mirror) in rules.items() if mirror and name not in present}
     differ = [
         piece.spec.hf_name
         for piece in export_pieces([model], family, arch, dtype, imported.expert_layout)
-        if not torch.equal(piece.tensor, source.read(piece.spec.hf_name, piece.spec.region))
+        if piece.spec.hf_name not in absent_optional
+        and not torch.equal(piece.tensor, source.read(piece.spec.hf_name, piece.spec.region))
     ]
     report.differ = sorted(set(_gather_list(differ)))
     specs = export_specs([model], family, arch, dtype, imported.expert_layout)
-    specs = _gather_list([(s.hf_name, s.region) for s in specs])
+    specs = _gather_list([(s.hf_name, s.region) for s in specs if s.hf_name not in absent_optional])
     expected = {n: source.shape(n) for n in source.keys() if n not in imported.ignored}
     report.not_covered = _coverage_problems(specs, expected)
     report.exported = len({name for name, _ in specs})
@@ -144,6 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-length", type=int, default=16)
     parser.add_argument("--atol", type=float, default=1e-4, help="largest logit difference that passes")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except user_errors() as e:  # one line on every rank; the ranks agreed on import failures
+        if debug():
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
+
+
+def _run(args) -> int:
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")

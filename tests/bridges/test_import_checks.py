@@ -87,6 +87,35 @@ def checks_world_1(directory):
     report = import_weights([plain], glm45, no_mtp, DictSource(tensors, where=WHERE))
     exported = {p.spec.hf_name for p in export_pieces([plain], glm45, no_mtp)}
     out["mtp_off"] = (report.ignored, exported, set(hf_tensor_specs(glm45, no_mtp, torch.bfloat16)))
+    out.update(_directory_cases(directory, model, arch, tensors))
+    return out
+
+
+MIRRORS = ("model.layers.4.embed_tokens.weight", "model.layers.4.shared_head.head.weight")
+
+
+def _directory_cases(directory, model, arch, tensors):
+    """Checkpoint directories (names missing from the files used to raise KeyError): a missing tensor is
+    listed with the directory, and the MTP copies of embedding / head are optional."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from bridges.load import CheckpointMismatch, import_weights
+    from bridges.models import glm45
+    from bridges.safetensors_io import SafetensorsCheckpoint
+
+    out = {}
+    variants = os.path.join(os.path.dirname(directory), "variants")
+    for case, drop in (("dir_missing", ("model.layers.3.mlp.experts.5.up_proj.weight",)), ("dir_no_mirrors", MIRRORS)):
+        path = os.path.join(variants, case)
+        os.makedirs(path, exist_ok=True)
+        save_file({n: t.contiguous() for n, t in tensors.items() if n not in drop}, os.path.join(path, "model.safetensors"))
+        try:
+            report = import_weights([model], glm45, arch, SafetensorsCheckpoint(path))
+            out[case] = ("loaded", report.warnings)
+        except CheckpointMismatch as e:
+            out[case] = ("refused", str(e))
     return out
 
 
@@ -135,6 +164,18 @@ def test_bad_checkpoint_is_refused_and_nothing_changes(world_1, case, names):
     for name in names:
         assert name in message
     assert unchanged, f"{case}: a parameter changed although the import failed"
+
+
+def test_missing_tensor_in_a_directory_is_listed_not_a_key_error(world_1):
+    outcome, message = world_1["dir_missing"]
+    assert outcome == "refused"
+    assert "model.layers.3.mlp.experts.5.up_proj.weight: missing in " in message and "dir_missing" in message
+
+
+def test_mtp_copies_of_embedding_and_head_are_optional(world_1):
+    outcome, warnings = world_1["dir_no_mirrors"]
+    assert outcome == "loaded", warnings
+    assert all(any(name in w and "missing" in w for w in warnings) for name in MIRRORS)
 
 
 def test_fp32_router_in_a_bf16_checkpoint_is_accepted(world_1):
