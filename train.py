@@ -26,6 +26,14 @@ def resolve_path(path: str) -> str:
     return os.path.join(PROJECT_DIR, path)
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """Every key's type, range and choice, before anything is built (raises recipes.config_check.ConfigError)."""
+    from callbacks.hf_export import EXPORT_DTYPES
+    from recipes.config_check import check_config
+
+    check_config(cfg, precisions=_PRECISIONS, export_dtypes=EXPORT_DTYPES)
+
+
 def build_run(cfg: DictConfig):
     """Everything a run needs, validated before any process is started."""
     from hydra.utils import instantiate
@@ -48,6 +56,10 @@ def build_run(cfg: DictConfig):
         micro_batch_size=int(cfg.data.micro_batch_size),
         optim=OmegaConf.to_container(cfg.optim),
     )
+    if cfg.mtp.enabled and not module.mtp_enabled and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"mtp: off: {hf_config_path} declares no MTP layers "
+              f"(num_nextn_predict_layers: {module.source_hf_config.get('num_nextn_predict_layers', 0)}), "
+              f"so mtp.enabled=true builds no MTP block and trains without the MTP loss", flush=True)
     layout = ParallelLayout(**OmegaConf.to_container(cfg.parallel))
     world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
     layout.check(world_size, module.arch.num_experts or 0, module.arch.num_layers, module.arch.expert_biases)
@@ -57,10 +69,12 @@ def build_run(cfg: DictConfig):
         data.path = resolve_path(data.path)
     data.vocab_size = module.arch.vocab_size
     data.step_batch_size(layout.data_parallel_size(world_size))  # raises on sizes that do not divide
+    rows = data.num_samples
     if data.kind == "tokens":
         from recipes.data import load_token_file
 
-        load_token_file(data.path, data.seq_length, data.vocab_size)
+        rows = len(load_token_file(data.path, data.seq_length, data.vocab_size)) - data.val_samples
+    _check_epoch_length(cfg, rows, data.global_batch_size)
 
     strategy = MegatronStrategy(**OmegaConf.to_container(cfg.parallel), seed=int(cfg.seed))
     nodes = [cfg.get("hf_import"), cfg.get("hf_export"), *(cfg.get("callbacks") or {}).values()]
@@ -76,15 +90,30 @@ def build_run(cfg: DictConfig):
     return trainer, module, data
 
 
+def _check_epoch_length(cfg: DictConfig, rows: int, global_batch_size: int) -> None:
+    """Training rows must fill at least one step, and the steps between validations one epoch."""
+    from recipes.data import DataConfigError
+
+    if cfg.mode != "fit":
+        return
+    source = "data.path" if cfg.data.kind == "tokens" else "data.num_samples"
+    steps = max(rows, 0) // global_batch_size
+    if steps == 0:
+        raise DataConfigError(f"{source}: {max(rows, 0)} training rows do not fill one step of "
+                              f"data.global_batch_size={global_batch_size}")
+    interval = cfg.trainer.val_check_interval
+    if isinstance(interval, int) and interval > steps:
+        raise DataConfigError(f"trainer.val_check_interval: {interval} steps between validations, but an epoch "
+                              f"of {source} has only {steps} steps")
+
+
 def _run_errors() -> tuple[type[BaseException], ...]:
     """Failures a user can act on (a bad checkpoint, a failed export): one message, no traceback."""
-    from bridges.load import CheckpointMismatch
-    from bridges.rank_status import RankFailure
-    from bridges.safetensors_format import SafetensorsFormatError
-    from bridges.safetensors_io import CheckpointError
+    from bridges.errors import user_errors
     from callbacks.hf_export import HFExportError
+    from callbacks.hf_import import HFImportError
 
-    return (CheckpointMismatch, CheckpointError, SafetensorsFormatError, RankFailure, HFExportError)
+    return (*user_errors(), HFExportError, HFImportError)
 
 
 def _run_dir() -> str:
@@ -108,6 +137,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Our own warnings are meant for the user (a later filter takes precedence).
+    warnings.filterwarnings("default", category=UserWarning, module=r"(bridges|callbacks|recipes)(\.|$)")
     for name in ("megatron", "megatron.core", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -118,27 +149,30 @@ def main(cfg: DictConfig) -> None:
 
     quiet_libraries()
 
+    from bridges.errors import debug
     from bridges.hf_config import HFConfigError
     from bridges.megatron.layout import LayoutError
     from recipes.data import DataConfigError
 
-    seed_everything(int(cfg.seed), verbose=False)
     try:
+        validate_config(cfg)
+        seed_everything(int(cfg.seed), verbose=False)
         trainer, module, data = build_run(cfg)
     except (HFConfigError, LayoutError, DataConfigError, ValueError) as e:
+        if debug():
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    if cfg.mode not in ("fit", "validate"):
-        print(f"error: mode must be 'fit' or 'validate', got {cfg.mode!r}", file=sys.stderr)
-        sys.exit(2)
     try:
         if cfg.mode == "fit":
             trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
         else:
             trainer.validate(module, datamodule=data)
-    except _run_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+    except _run_errors() as e:  # every rank prints it: the ranks agreed on the failure
+        if debug():
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     if trainer.global_rank == 0:
         print(f"outputs: {_run_dir()}", flush=True)

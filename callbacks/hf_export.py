@@ -33,7 +33,7 @@ from bridges.rank_status import agree
 from bridges.safetensors_io import SafetensorsCheckpoint
 from callbacks.progress import say
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+EXPORT_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
 
 
@@ -50,7 +50,7 @@ class _Job:
     specs: dict
     config: dict
     trainer_state: dict
-    companions: list[str]
+    companions: list[tuple[str, str]]  # (name, resolved path) in the import source
     snapshot_seconds: float
     started: float
     error: BaseException | None = None
@@ -77,15 +77,15 @@ class HFExportCallback(pl.Callback):
             raise ValueError(f"hf_export.on_error must be 'raise' or 'warn', got {on_error!r}")
         if mode not in ("owner", "gather"):
             raise ValueError(f"hf_export.mode must be 'owner' or 'gather', got {mode!r}")
-        if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"hf_export.dtype must be one of {sorted(_DTYPES)} or null, got {dtype!r}")
+        if dtype is not None and dtype not in EXPORT_DTYPES:
+            raise ValueError(f"hf_export.dtype must be one of {sorted(EXPORT_DTYPES)} or null, got {dtype!r}")
         if keep_last_k is not None and keep_last_k < 1:
             raise ValueError(f"hf_export.keep_last_k must be >= 1 or null, got {keep_last_k}")
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps or 0
         self.save_last = save_last
         self.keep_last_k = keep_last_k
-        self.dtype = _DTYPES[dtype] if dtype else None
+        self.dtype = EXPORT_DTYPES[dtype] if dtype else None
         self.async_write = async_write
         self.mtp_passthrough = mtp_passthrough
         self.mode = mode
@@ -228,8 +228,8 @@ class HFExportCallback(pl.Callback):
 
     def _finalize(self, job: _Job, staging: str) -> None:
         _write_json(os.path.join(staging, "config.json"), job.config)
-        for path in job.companions:
-            shutil.copy2(path, os.path.join(staging, os.path.basename(path)))
+        for name, path in job.companions:  # resolved paths, checked to lie inside the source at import
+            shutil.copyfile(path, os.path.join(staging, name))
         _write_json(os.path.join(staging, "trainer_state.json"), {**job.trainer_state, "export_seconds": job.seconds})
         export_dir.publish(staging, job.final)
         root, name = os.path.split(job.final)

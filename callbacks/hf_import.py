@@ -15,12 +15,18 @@ import lightning.pytorch as pl
 import torch
 
 from bridges import hf_config
+from bridges.files import CheckpointFileError, check_regular_file
 from bridges.load import import_weights
+from bridges.rank_status import exchange
 from bridges.safetensors_io import SafetensorsCheckpoint
 from callbacks.progress import say
-from callbacks.hf_source import ImportedSource, mtp_tensor_names
+from callbacks.hf_source import ImportedSource, companion_files, mtp_tensor_names
 
 TRAINER_STATE = "trainer_state.json"
+
+
+class HFImportError(ValueError):
+    """The import source, its companion files or its trainer state cannot be used (agreed by every rank)."""
 
 
 class HFImportCallback(pl.Callback):
@@ -45,8 +51,15 @@ class HFImportCallback(pl.Callback):
             return
         self._done = True
         start = time.monotonic()
-        source = SafetensorsCheckpoint(self.path)
-        config = hf_config.load_config(self.path)
+        source, error = None, None
+        try:  # every check that reads files, before any collective of the import
+            source = SafetensorsCheckpoint(self.path)
+            config = hf_config.load_config(self.path)
+            companion_files(self.path)
+            state = read_trainer_state(self.path, trainer.max_steps) if restore_progress else None
+        except Exception as e:  # noqa: BLE001 - agreed below, so no rank waits in a collective alone
+            error = e
+        _agree_on_opening(self.path, error)
         report = import_weights([pl_module.model], pl_module.family, pl_module.arch, source, config=config)
         dtype = hf_config.dtype(config, default=_usual_dtype(source))
         pl_module.hf_source = ImportedSource(
@@ -62,8 +75,8 @@ class HFImportCallback(pl.Callback):
             f"hf_import: loaded {self.path} ({report.expert_layout} experts) in {time.monotonic() - start:.2f}s"
             + (f"; {len(report.ignored)} tensors not used ({_reasons(report.ignored)})" if report.ignored else "")
         )
-        if restore_progress:
-            _restore_progress(trainer, self.path)
+        if state is not None:
+            _restore_progress(trainer, state)
 
 
 def _usual_dtype(source) -> torch.dtype:
@@ -75,18 +88,54 @@ def _reasons(ignored: dict[str, str]) -> str:
     return "; ".join(sorted(set(ignored.values())))
 
 
-def _restore_progress(trainer, path: str) -> None:
-    """Continue counting from an export of ours: global step and consumed samples."""
+def _agree_on_opening(path: str, error: BaseException | None) -> None:
+    """Raise `HFImportError` on every rank if any rank could not open the source: this rank's reason, else
+    the first failing rank's, in one line."""
+    reasons = exchange(None if error is None else str(error), None, "HF import: opening the checkpoint")
+    if error is not None:
+        raise HFImportError(f"HF import of {path}: {error}") from error
+    failed = [(rank, reason) for rank, reason in enumerate(reasons) if reason is not None]
+    if failed:
+        rank, reason = failed[0]
+        raise HFImportError(f"HF import of {path} failed on rank {rank}: {reason}")
+
+
+def read_trainer_state(path: str, max_steps: int | None) -> dict | None:
+    """The validated `trainer_state.json` of an export of ours (None when there is none): `global_step` and
+    `consumed_samples` non-negative integers, and steps left before `max_steps`. Raises `HFImportError`."""
     state_file = os.path.join(path, TRAINER_STATE)
-    if not os.path.isfile(state_file):
-        return
-    with open(state_file) as f:
-        state = json.load(f)
-    step = int(state.get("global_step", 0))
+    if not os.path.lexists(state_file):
+        return None
+    try:
+        check_regular_file(state_file)
+        with open(state_file, encoding="utf-8") as f:
+            state = json.load(f)
+    except CheckpointFileError as e:
+        raise HFImportError(str(e)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise HFImportError(f"{state_file}: not valid JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise HFImportError(f"{state_file}: expected a JSON object, found a {type(state).__name__}")
+    for key in ("global_step", "consumed_samples"):
+        value = state.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise HFImportError(f"{state_file}: {key} must be a non-negative integer, found {value!r}")
+    step = state.get("global_step", 0)
+    if max_steps is not None and max_steps > 0 and step >= max_steps:
+        raise HFImportError(
+            f"{state_file}: global_step {step} is not below trainer.max_steps={max_steps}, nothing would be "
+            f"trained (raise trainer.max_steps, or hf_import.restore_progress=false to start counting at 0)"
+        )
+    return state
+
+
+def _restore_progress(trainer, state: dict) -> None:
+    """Continue counting from an export of ours: global step and consumed samples."""
+    step = state.get("global_step", 0)
     loop = trainer.fit_loop.epoch_loop
     loop.manual_optimization.optim_step_progress.total.completed = step
     loop.automatic_optimization.optim_progress.optimizer.step.total.completed = step
     loop._batches_that_stepped = step
     if trainer.datamodule is not None and hasattr(trainer.datamodule, "consumed_samples"):
-        trainer.datamodule.consumed_samples = int(state.get("consumed_samples", 0))
+        trainer.datamodule.consumed_samples = state.get("consumed_samples", 0)
     say(f"hf_import: continuing from global step {step} ({state.get('consumed_samples', 0)} samples consumed)")

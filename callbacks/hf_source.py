@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from bridges.files import contained_regular_file
+
 # Files of an HF model directory that travel with every export (tokenizer and generation settings).
 COMPANION_FILES = (
     "generation_config.json",
@@ -33,8 +35,16 @@ class ImportedSource:
     expert_layout: str
     mtp_tensors: list[str] = field(default_factory=list)  # HF names of the source's MTP layers
 
-    def companion_files(self) -> list[str]:
-        return [os.path.join(self.path, n) for n in COMPANION_FILES if os.path.isfile(os.path.join(self.path, n))]
+    def companion_files(self) -> list[tuple[str, str]]:
+        return companion_files(self.path)
+
+
+def companion_files(directory: str) -> list[tuple[str, str]]:
+    """(name, resolved path) of the companion files present in `directory`, each a regular file inside it
+    after following links (hub-cache blobs count as inside); raises `bridges.files.CheckpointFileError`
+    for any other."""
+    return [(n, contained_regular_file(directory, n)) for n in COMPANION_FILES
+            if os.path.lexists(os.path.join(directory, n))]
 
 
 def mtp_tensor_names(names, num_hidden_layers: int) -> list[str]:

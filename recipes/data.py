@@ -143,6 +143,11 @@ class TokenDataModule(pl.LightningDataModule):
 
     def step_batch_size(self, dp_size: int) -> int:
         """Samples per optimizer step on one data-parallel rank."""
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:  # a step of no micro-batches never ends
+            raise DataConfigError(
+                f"data.micro_batch_size={self.micro_batch_size} and data.global_batch_size={self.global_batch_size} "
+                f"must be positive"
+            )
         per_dp = self.micro_batch_size * dp_size
         if self.global_batch_size % per_dp:
             raise DataConfigError(
