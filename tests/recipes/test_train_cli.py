@@ -39,7 +39,7 @@ def test_validate_mode_reports_val_loss_without_mtp(tmp_path):
         (["parallel.tp=2", "parallel.ep=1", "trainer.devices=3"], "world size 3 is not divisible"),
         (["parallel.pp=3", "parallel.ep=1", "trainer.devices=3"], "parallel.pp=3 does not divide the layer count 4"),
         (["data=tokens", "data.path=/no/such/tokens.npy"], "data.path: token file '/no/such/tokens.npy' does not exist"),
-        (["data.global_batch_size=7"], "data.global_batch_size=7 is not divisible"),
+        (["data.global_batch_size=7"], "data.global_batch_size: 7 is not a multiple of data.micro_batch_size=2"),
         (["model.hf_config=/no/such/model"], "no HF config at '/no/such/model'"),
         (["recipe=gpt_oss", "parallel.tp=2", "parallel.ep=1", "parallel.etp=2"], "set parallel.etp=1 (got 2)"),
     ],
