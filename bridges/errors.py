@@ -13,6 +13,7 @@ def debug() -> bool:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from bridges.export_dir import ExportDirError
     from bridges.files import CheckpointFileError
     from bridges.hf_config import HFConfigError
     from bridges.load import CheckpointMismatch
@@ -22,5 +23,5 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from bridges.safetensors_format import SafetensorsFormatError
     from bridges.safetensors_io import CheckpointError
 
-    return (CheckpointFileError, HFConfigError, CheckpointMismatch, LayoutError, MXFP4Error, RankFailure,
+    return (ExportDirError, CheckpointFileError, HFConfigError, CheckpointMismatch, LayoutError, MXFP4Error, RankFailure,
             SafetensorsFormatError, CheckpointError)

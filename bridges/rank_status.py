@@ -32,8 +32,8 @@ def exchange(payload, error: BaseException | None, what: str, group=None) -> lis
         dist.all_gather_object(gathered, mine, group=group)
     failed = [(r, reason) for r, reason, _ in gathered if reason is not None]
     if failed:
-        lines = "\n".join(f"  rank {r}: {reason}" for r, reason in failed)
-        raise RankFailure(f"{what} failed on {len(failed)} of {world} ranks:\n{lines}") from error
+        reasons = "; ".join(f"rank {r}: {reason}" for r, reason in failed)  # one line: an `error:` line
+        raise RankFailure(f"{what} failed on {len(failed)} of {world} ranks: {reasons}") from error
     return [p for _, _, p in gathered]
 
 
@@ -44,3 +44,14 @@ def agree(error: BaseException | None, what: str, group=None) -> None:
 
 def _describe(error: BaseException | None) -> str | None:
     return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def first_failure(error: BaseException | None, group=None) -> tuple[int, str] | None:
+    """Collective: None when no rank failed; else (rank, message) of this rank's failure if it failed,
+    or of the first failing rank's. Lets every rank raise one line of its own type."""
+    rank, world = group_rank_and_size(group)
+    reasons = exchange(None if error is None else str(error), None, "", group)
+    if error is not None:
+        return global_rank(group, rank) if world > 1 else 0, str(error)
+    failed = [(global_rank(group, r) if world > 1 else 0, m) for r, m in enumerate(reasons) if m is not None]
+    return failed[0] if failed else None

@@ -14,22 +14,23 @@ import json
 import math
 import os
 import shutil
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_warn
 
 from bridges import export_dir
 from bridges.export import export_pieces, export_specs, hf_tensor_specs
 from bridges.export_writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
 from bridges.hf_config import dtype_name
 from bridges.pieces import Piece, PieceSpec, full_region
-from bridges.rank_status import agree
+from bridges.rank_status import agree, first_failure
 from bridges.safetensors_io import SafetensorsCheckpoint
 from callbacks.progress import say
 
@@ -97,15 +98,65 @@ class HFExportCallback(pl.Callback):
         self._job: _Job | None = None
         self._exported_steps: set[int] = set()
         self.history: list[dict] = []  # one entry per finished export (rank-local timings)
+        self.failures = 0  # exports that failed under on_error=warn
+        self.run_id: str | None = None  # this run's id: in the lock, the staging names and every trainer_state
+        self._locked = False
 
     # ----------------------------------------------------------------- Lightning hooks
     def on_fit_start(self, trainer, pl_module):
         self.dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "hf")
         # Writing collectives run beside training: a group of their own, created by every rank.
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.run_id = self._rank0_value(trainer, uuid.uuid4().hex[:12])  # staging names agree on every rank
+        error = None
         if trainer.global_rank == 0:
-            os.makedirs(self.dirpath, exist_ok=True)
-            export_dir.clean_stale_staging(self.dirpath)
+            try:  # this run owns the root from here on: a second live run is refused
+                export_dir.check_root(self.dirpath, ())
+                os.makedirs(self.dirpath, exist_ok=True)
+                note = export_dir.acquire_lock(self.dirpath, self.run_id)
+                self._locked = True
+                if note:
+                    say(f"hf_export: {self.dirpath}: {note}")
+                leftovers = export_dir.leftover_staging(self.dirpath)
+                if leftovers:
+                    say(f"hf_export: {self.dirpath} holds {len(leftovers)} unfinished export directories of "
+                        f"earlier runs ({', '.join(leftovers)}); left in place, remove them if unused")
+            except (OSError, export_dir.ExportDirError) as e:
+                error = e
+        self._raise_if_any_failed(error)
+
+    def on_train_start(self, trainer, pl_module):
+        """Now that the start step is known (an import or a resumed checkpoint): refuse before training
+        if an export name this run will write is taken, rather than skip that export later."""
+        error = None
+        if trainer.global_rank == 0:
+            try:
+                export_dir.check_root(self.dirpath, self._planned_steps(trainer.global_step, trainer.max_steps))
+            except export_dir.ExportDirError as e:
+                error = e
+        self._raise_if_any_failed(error)
+
+    def _planned_steps(self, start: int, max_steps: int) -> set[int]:
+        if max_steps is None or max_steps < 0:  # no known end: the periodic steps cannot be listed
+            return set()
+        steps = set(range(start + 1, max_steps + 1))
+        planned = {s for s in steps if self.every_n_train_steps and s % self.every_n_train_steps == 0}
+        return planned | ({max_steps} if self.save_last and max_steps > start else set())
+
+    def _raise_if_any_failed(self, error: BaseException | None) -> None:
+        failure = first_failure(error, self._group)
+        if failure is not None:
+            self._release_lock()
+            raise export_dir.ExportDirError(failure[1] if error is not None else
+                                            f"HF export set-up failed on rank {failure[0]}: {failure[1]}")
+
+    def on_fit_end(self, trainer, pl_module):
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._locked:
+            self._locked = False
+            export_dir.release_lock(self.dirpath, self.run_id)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -120,6 +171,8 @@ class HFExportCallback(pl.Callback):
     def on_exception(self, trainer, pl_module, exception):
         if self._thread is not None:
             self._thread.join(timeout=300)
+        if self._thread is None or not self._thread.is_alive():
+            self._release_lock()  # a writer still running keeps it: the process's exit makes it stale
 
     # ----------------------------------------------------------------- export
     def export(self, trainer, pl_module) -> None:
@@ -131,8 +184,9 @@ class HFExportCallback(pl.Callback):
         blocked_from = time.monotonic()
         self._finish_pending(trainer)
         final = os.path.join(self.dirpath, export_dir.export_name(step))
-        if self._rank0_says(trainer, export_dir.is_complete(final)):
-            say(f"hf_export: {final} already exists (a previous run); not exported again")
+        if self._rank0_says(trainer, os.path.lexists(final)):  # appeared since the start-up check
+            self._fail(trainer, step, HFExportError(f"HF export of step {step}: {final} already exists and was "
+                                                    f"not written by this run; not replaced"), None)
             return
         job, error = None, None
         try:
@@ -142,7 +196,7 @@ class HFExportCallback(pl.Callback):
         try:
             agree(error, "export: taking the snapshot", self._group)
         except Exception as e:
-            self._fail(HFExportError(f"HF export of step {step} to {final} failed: {e}"), e)
+            self._fail(trainer, step, HFExportError(f"HF export of step {step} to {final} failed: {e}"), e)
             return
         if self.async_write:
             self._job = job
@@ -197,6 +251,7 @@ class HFExportCallback(pl.Callback):
             "dtype": dtype_name(dtype),
             "mtp_enabled": pl_module.mtp_enabled,
             "import_source": source.path if source else None,
+            "run_id": self.run_id,
         }
         companions = source.companion_files() if source else []
         now = time.monotonic()
@@ -204,7 +259,7 @@ class HFExportCallback(pl.Callback):
 
     def _write(self, job: _Job, global_rank: int) -> None:
         """Collective over the export group; records the outcome in the job (agreed by all ranks)."""
-        staging = export_dir.staging_dir(job.final)
+        staging = export_dir.staging_dir(job.final, self.run_id)
         try:
             if global_rank == 0 and os.path.exists(staging):
                 shutil.rmtree(staging)
@@ -234,8 +289,8 @@ class HFExportCallback(pl.Callback):
         export_dir.publish(staging, job.final)
         root, name = os.path.split(job.final)
         export_dir.update_latest(root, name)
-        if self.keep_last_k:
-            export_dir.prune(root, self.keep_last_k)
+        if self.keep_last_k:  # this run's exports only, never the import source
+            export_dir.prune(root, self.keep_last_k, self.run_id, protect=[job.trainer_state["import_source"]])
 
     def _finish_pending(self, trainer) -> None:
         """Wait for the previous export; report it, and fail (or warn) if it failed."""
@@ -246,7 +301,8 @@ class HFExportCallback(pl.Callback):
         if job is None:
             return
         if job.error is not None:
-            self._fail(HFExportError(f"HF export of step {job.step} to {job.final} failed: {job.error}"), job.error)
+            self._fail(trainer, job.step,
+                       HFExportError(f"HF export of step {job.step} to {job.final} failed: {job.error}"), job.error)
             return
         self.history.append({"step": job.step, "seconds": job.seconds, "bytes": job.nbytes, "path": job.final})
         self._log(trainer, {"hf_export/seconds": job.seconds, "hf_export/bytes": float(job.nbytes)}, job.step)
@@ -255,15 +311,21 @@ class HFExportCallback(pl.Callback):
 
     def _rank0_says(self, trainer, answer: bool) -> bool:
         """Rank 0's answer on every rank: a filesystem check must not split ranks at a collective."""
-        if self._group is None:
-            return answer
-        box = [answer if trainer.global_rank == 0 else None]
-        dist.broadcast_object_list(box, src=0, group=self._group)
-        return bool(box[0])
+        return bool(self._rank0_value(trainer, answer))
 
-    def _fail(self, error: HFExportError, cause: BaseException) -> None:
-        if self.on_error == "warn":
-            rank_zero_warn(f"{error} (training continues: hf_export.on_error=warn)")
+    def _rank0_value(self, trainer, value):
+        if self._group is None:
+            return value
+        box = [value if trainer.global_rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    def _fail(self, trainer, step: int, error: HFExportError, cause: BaseException | None) -> None:
+        if self.on_error == "warn":  # a line the user sees (stderr, rank 0) and a metric, per failed export
+            self.failures += 1
+            if trainer.global_rank == 0:
+                print(f"warning: {error} (training continues: hf_export.on_error=warn)", file=sys.stderr, flush=True)
+            self._log(trainer, {"hf_export/failures": float(self.failures)}, step)
             return
         raise error from cause
 

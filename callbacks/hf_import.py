@@ -17,7 +17,7 @@ import torch
 from bridges import hf_config
 from bridges.files import CheckpointFileError, check_regular_file
 from bridges.load import import_weights
-from bridges.rank_status import exchange
+from bridges.rank_status import first_failure
 from bridges.safetensors_io import SafetensorsCheckpoint
 from callbacks.progress import say
 from callbacks.hf_source import ImportedSource, companion_files, mtp_tensor_names
@@ -91,13 +91,11 @@ def _reasons(ignored: dict[str, str]) -> str:
 def _agree_on_opening(path: str, error: BaseException | None) -> None:
     """Raise `HFImportError` on every rank if any rank could not open the source: this rank's reason, else
     the first failing rank's, in one line."""
-    reasons = exchange(None if error is None else str(error), None, "HF import: opening the checkpoint")
+    failure = first_failure(error)
     if error is not None:
         raise HFImportError(f"HF import of {path}: {error}") from error
-    failed = [(rank, reason) for rank, reason in enumerate(reasons) if reason is not None]
-    if failed:
-        rank, reason = failed[0]
-        raise HFImportError(f"HF import of {path} failed on rank {rank}: {reason}")
+    if failure is not None:
+        raise HFImportError(f"HF import of {path} failed on rank {failure[0]}: {failure[1]}")
 
 
 def read_trainer_state(path: str, max_steps: int | None) -> dict | None:

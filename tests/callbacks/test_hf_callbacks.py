@@ -52,7 +52,17 @@ def _fit(hf_config, dirpath, tp=1, ep=2, steps=6, every=3, lr=3e-3, import_path=
         num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
     )
     trainer.fit(module, datamodule=data)
-    return {"logits": logits if dist.get_rank() == 0 else None, "steps": first_steps, "history": export.history}
+    return {"logits": logits if dist.get_rank() == 0 else None, "steps": first_steps, "history": export.history,
+            "failures": export.failures}
+
+
+def _refusal(*args, **kwargs):
+    """`_fit` expected to be refused: the exception's type and message (None if it trained)."""
+    try:
+        _fit(*args, **kwargs)
+    except Exception as e:  # every rank must get here: no hang
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _world2(tmp, source):
@@ -69,11 +79,40 @@ def _world2(tmp, source):
                               export_kwargs={"mtp_passthrough": True, "mode": "gather"})
     out["fault"] = _failing_export(source, f"{tmp}/run1")
     out["fault_warn"] = _failing_export(source, f"{tmp}/run1", on_error="warn")
+    out.update(_ownership(tmp, source))
+    return out
+
+
+def _ownership(tmp, source):
+    """Runs sharing an export root never delete, replace or skip what they did not write; bad sources and
+    trainer states are refused on every rank in one line."""
+    import torch.distributed as dist
+
+    shared, out = f"{tmp}/shared", {}
+    # A: 4 steps. B continues from A's step_4 in the same root, keep_last_k=1: only B's own step_6 goes.
+    _fit(source, shared, steps=4, every=2, import_path=source)
+    _fit(source, shared, steps=8, every=2, import_path=f"{shared}/step_4", export_kwargs={"keep_last_k": 1})
+    # C starts from scratch in the same root: its step_2 / step_4 would collide with A's, refused up front.
+    out["collide"] = _refusal(source, shared, steps=4, every=2)
+    locked = f"{tmp}/locked"
+    if dist.get_rank() == 0:  # a live run (the test process) holds the root
+        os.makedirs(locked)
+        with open(f"{locked}/.lock", "w") as f:
+            json.dump({"run_id": "live", "host": __import__("socket").gethostname(), "pid": os.getppid()}, f)
+    dist.barrier()
+    out["locked"] = _refusal(source, locked, steps=2, every=0)
+    out["root_is_file"] = _refusal(source, f"{tmp}/afile", steps=2, every=0)
+    for case in ("outside_link", "negative_step", "step_past_max", "state_list"):
+        out[case] = _refusal(source, f"{tmp}/{case}_out", steps=6, every=0, import_path=f"{tmp}/sources/{case}")
     return out
 
 
 def _failing_export(source, dirpath, on_error="raise"):
-    """Rank 1 fails while writing tensor data of a new export into a directory with earlier exports."""
+    """Rank 1 fails while writing tensor data of a new export into a directory with earlier exports.
+    on_error=warn: returns what rank 0 printed to stderr and the failure count instead."""
+    import contextlib
+    import io
+
     import torch.distributed as dist
 
     from bridges import export_writer
@@ -87,6 +126,11 @@ def _failing_export(source, dirpath, on_error="raise"):
 
     export_writer._write_pieces = broken
     try:
+        if on_error == "warn":
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                result = _fit(source, dirpath, steps=2, every=0, import_path=None, export_kwargs={"on_error": on_error})
+            return {"stderr": err.getvalue(), "failures": result["failures"]}
         _fit(source, dirpath, steps=2, every=0, import_path=None, export_kwargs={"on_error": on_error})
     except Exception as e:  # every rank must get here: no hang
         return f"{type(e).__name__}: {e}"
@@ -106,9 +150,35 @@ def source(tmp_path_factory):
     return d
 
 
+def _variants(tmp, source):
+    """Copies of the source (weights and config linked, small files copied) with one hostile change each."""
+    import shutil
+
+    changes = {
+        "outside_link": lambda d: os.symlink(f"{tmp}/secret.txt", f"{d}/tokenizer.json"),
+        "negative_step": lambda d: json.dump({"global_step": -5, "consumed_samples": 0}, open(f"{d}/trainer_state.json", "w")),
+        "step_past_max": lambda d: json.dump({"global_step": 1000, "consumed_samples": 0}, open(f"{d}/trainer_state.json", "w")),
+        "state_list": lambda d: json.dump([1, 2], open(f"{d}/trainer_state.json", "w")),
+    }
+    with open(f"{tmp}/secret.txt", "w") as f:
+        f.write("not for export\n")
+    with open(f"{tmp}/afile", "w") as f:
+        f.write("a file where the export root should be\n")
+    for case, change in changes.items():
+        d = f"{tmp}/sources/{case}"
+        os.makedirs(d)
+        for name in os.listdir(source):
+            if name.endswith((".safetensors", "config.json")) and name != "tokenizer_config.json" and "generation" not in name:
+                os.symlink(f"{source}/{name}", f"{d}/{name}")
+            else:
+                shutil.copyfile(f"{source}/{name}", f"{d}/{name}")
+        change(d)
+
+
 @pytest.fixture(scope="module")
 def world2(source, tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("world2"))
+    _variants(tmp, source)
     results = run_distributed(2, _world2, tmp, source, timeout=900)
     return tmp, results
 
@@ -211,7 +281,10 @@ def test_rank_failing_mid_export_is_agreed_and_leaves_previous_export_intact(wor
     for rank in (0, 1):
         message = results[rank]["fault"]
         assert message is not None and "No space left on device (injected)" in message and "rank 1" in message
-    assert results[0]["fault_warn"] is None and results[1]["fault_warn"] is None  # on_error=warn: training went on
+    # on_error=warn: training went on; rank 0 printed one visible warning line, and the failure was counted
+    warned = [line for line in results[0]["fault_warn"]["stderr"].splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and "HF export of step 2" in warned[0] and "No space left" in warned[0]
+    assert results[0]["fault_warn"]["failures"] == results[1]["fault_warn"]["failures"] == 1
     root = f"{tmp}/run1"
     # the failed exports (step_2) left nothing behind; step_3 / step_6 and latest are untouched
     assert sorted(n for n in os.listdir(root)) == ["latest", "step_3", "step_6"]
@@ -229,3 +302,52 @@ def test_tp2_ep2_import_export_round_trip_is_bit_exact(source, tmp_path):
     assert set(exported) == set(original)
     differ = [n for n in original if not torch.equal(original[n], exported[n])]
     assert all(n.endswith("e_score_correction_bias") for n in differ), differ
+
+
+def test_runs_sharing_a_root_delete_only_their_own_exports(world2, source):
+    tmp, _ = world2
+    shared = f"{tmp}/shared"
+    # A wrote step_2, step_4; B (continuing from step_4, keep_last_k=1) wrote step_6, step_8 and pruned only
+    # its own step_6: A's exports, B's import source among them, are untouched; no lock is left behind.
+    assert sorted(os.listdir(shared)) == ["latest", "step_2", "step_4", "step_8"]
+    assert open(f"{shared}/latest").read().strip() == "step_8"
+    ids = {s: json.load(open(f"{shared}/step_{s}/trainer_state.json"))["run_id"] for s in (2, 4, 8)}
+    assert ids[2] == ids[4] != ids[8]
+    # the import source survived, so B's exports still carry the tokenizer and generation config
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        assert open(f"{shared}/step_8/{name}").read() == open(f"{source}/{name}").read()
+
+
+def _one_line(results, case):
+    messages = [results[rank][case] for rank in (0, 1)]
+    assert all(m is not None and "\n" not in m for m in messages), messages
+    return messages
+
+
+def test_a_new_run_never_skips_its_exports_in_a_root_with_earlier_ones(world2):
+    tmp, results = world2
+    for message in _one_line(results, "collide"):
+        assert "ExportDirError" in message and "step_2 already exists (written by run " in message
+    assert sorted(os.listdir(f"{tmp}/shared")) == ["latest", "step_2", "step_4", "step_8"]
+
+
+def test_a_live_runs_lock_and_a_file_as_root_are_refused_on_every_rank(world2):
+    tmp, results = world2
+    for message in _one_line(results, "locked"):
+        assert "is in use by run live (pid" in message
+    assert json.load(open(f"{tmp}/locked/.lock"))["run_id"] == "live"  # not taken over
+    for message in _one_line(results, "root_is_file"):
+        assert "afile: exists and is not a directory" in message
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("outside_link", "tokenizer.json: links to "),
+    ("negative_step", "global_step must be a non-negative integer, found -5"),
+    ("step_past_max", "global_step 1000 is not below trainer.max_steps=6"),
+    ("state_list", "trainer_state.json: expected a JSON object, found a list"),
+])
+def test_hostile_sources_are_refused_in_one_line_on_every_rank(world2, case, expected):
+    tmp, results = world2
+    for message in _one_line(results, case):
+        assert message.startswith("HFImportError: ") and expected in message, message
+    assert not os.path.exists(f"{tmp}/{case}_out/step_6")
