@@ -64,7 +64,7 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
     if topk == 1 and normalise:
         # HF weighs the single expert by 1.0; Megatron's softmax router needs pre-softmax at top-1 (weight = p).
         raise refuse("num_experts_per_tok=1 with norm_topk_prob=true is not supported by Megatron's router")
-    aux = float(config.get("router_aux_loss_coef") or 0.0)
+    aux = float(_aux_loss_coef(config))
     transformer.update(
         add_qkv_bias=False,
         qk_layernorm=True,
@@ -173,3 +173,12 @@ def language_model_rules(arch: GPTArchitecture, prefix: str, experts_rules) -> t
         else:
             table += gated_mlp(m + "mlp.", h + "mlp.", t["ffn_hidden_size"], hidden)
     return table, ignored
+
+
+# transformers' default when a config omits `router_aux_loss_coef`.
+DEFAULT_AUX_LOSS_COEF = 0.001
+
+
+def _aux_loss_coef(config: dict) -> float:
+    value = config.get("router_aux_loss_coef")
+    return DEFAULT_AUX_LOSS_COEF if value is None else float(value)

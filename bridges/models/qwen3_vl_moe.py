@@ -48,7 +48,7 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
         raise refuse(f"rope {rope} is not supported (default rope over the whole head only)")
     experts = num_experts(text)
     pattern = moe_layer_pattern(text, transformer["num_layers"])
-    aux = float(text.get("router_aux_loss_coef") or 0.0)
+    aux = float(_aux_loss_coef(text))
     transformer.update(
         add_qkv_bias=False,
         qk_layernorm=True,
@@ -180,3 +180,11 @@ def _experts_in_out(m: str, h: str, experts: int, ffn: int, hidden: int) -> list
         ]
     return table
 
+
+# transformers' default when a config omits `router_aux_loss_coef`.
+DEFAULT_AUX_LOSS_COEF = 0.001
+
+
+def _aux_loss_coef(config: dict) -> float:
+    value = config.get("router_aux_loss_coef")
+    return DEFAULT_AUX_LOSS_COEF if value is None else float(value)

@@ -38,7 +38,7 @@ GLM45_355B = {
     "vocab_size": 151552,
     "num_nextn_predict_layers": 1,
     "attention_bias": True,
-    "use_qk_norm": False,
+    "use_qk_norm": True,  # the released model normalises queries and keys
     "partial_rotary_factor": 0.5,
     "rope_theta": 1000000,
     "max_position_embeddings": 131072,
@@ -77,6 +77,8 @@ def test_the_config_is_the_355b_model(tensor_specs):
     # 355B in the main model plus the MTP layer (a full MoE layer, eh_proj and its copies of embedding and head).
     assert 355e9 < total < 362e9, total
     assert len([n for n in tensor_specs if ".mlp.experts." in n]) == (92 - 3 + 1) * 160 * 3
+    # QK norm: one q_norm and one k_norm [head_dim] per layer, the MTP layer's included
+    assert len([n for n in tensor_specs if n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight"))]) == 93 * 2
 
 
 @pytest.mark.parametrize("layout, world, stages", LAYOUTS)

@@ -125,3 +125,15 @@ def test_interleaved_rotary_matches_transformers():
     assert torch.equal(angles.cos(), cos) and torch.equal(angles.sin(), sin)
     # Megatron's own (contiguous sections) differs wherever the H / W positions differ from T
     assert not torch.equal(sectioned(positions, [3, 3, 2])[:, :, 0].transpose(0, 1).cos(), cos)
+
+
+def test_aux_loss_default_is_transformers_when_the_config_omits_it():
+    import transformers
+
+    config = vlm_tiny.hf_config("qwen3_vl_moe").to_dict()
+    del config["text_config"]["router_aux_loss_coef"]
+    arch = qwen3_vl_moe.architecture(config)
+    default = transformers.Qwen3VLMoeTextConfig().router_aux_loss_coef
+    assert arch.transformer["moe_aux_loss_coeff"] == default > 0
+    assert arch.transformer["moe_router_load_balancing_type"] == "aux_loss"
+    assert qwen3_vl_moe.hf_config(arch, config)["text_config"]["router_aux_loss_coef"] == default
