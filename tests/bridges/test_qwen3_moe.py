@@ -242,8 +242,15 @@ def _check(checkpoints, runs, world_size, tmp_path):
             assert diff <= LOGITS_ATOL, f"{name} rank {rank}: logits differ from transformers by {diff}"
         model, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / name), output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+        # What is deterministic by construction is compared bit for bit: the weights transformers loads from
+        # the export and from the source. Logits depend on the CPU kernels' threading (a loaded machine
+        # changed them in the last bits once): a tolerance scaled to their size.
+        expected = AutoModelForCausalLM.from_pretrained(directory).state_dict()
+        loaded = model.state_dict()
+        assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected), name
         with torch.no_grad():
-            assert torch.equal(model(ids).logits, reference), name
+            diff = (model(ids).logits - reference).abs().max().item()
+        assert diff <= 1e-5 * reference.abs().max().item(), f"{name}: reloaded export's logits differ by {diff}"
 
 
 def test_world_2_ep1_ep2_pp2(checkpoints, tmp_path):
