@@ -104,7 +104,29 @@ def _ownership(tmp, source):
     out["root_is_file"] = _refusal(source, f"{tmp}/afile", steps=2, every=0)
     for case in ("outside_link", "negative_step", "step_past_max", "state_list"):
         out[case] = _refusal(source, f"{tmp}/{case}_out", steps=6, every=0, import_path=f"{tmp}/sources/{case}")
+    out["one_rank_import"] = _one_rank_cannot_open(source, tmp)
     return out
+
+
+def _one_rank_cannot_open(source, tmp):
+    """Only rank 1 finds a problem while opening the source: both ranks refuse, neither waits alone."""
+    import torch.distributed as dist
+
+    from bridges.files import CheckpointFileError
+    from callbacks import hf_import
+
+    original = hf_import.companion_files
+
+    def failing(directory):
+        if dist.get_rank() == 1:
+            raise CheckpointFileError(f"{directory}/tokenizer.json: injected on rank 1")
+        return original(directory)
+
+    hf_import.companion_files = failing
+    try:
+        return _refusal(source, f"{tmp}/one_rank_out", steps=2, every=0, import_path=source)
+    finally:
+        hf_import.companion_files = original
 
 
 def _failing_export(source, dirpath, on_error="raise"):
@@ -351,3 +373,10 @@ def test_hostile_sources_are_refused_in_one_line_on_every_rank(world2, case, exp
     for message in _one_line(results, case):
         assert message.startswith("HFImportError: ") and expected in message, message
     assert not os.path.exists(f"{tmp}/{case}_out/step_6")
+
+
+def test_an_import_failure_on_one_rank_is_refused_on_every_rank(world2):
+    messages = _one_line(world2[1], "one_rank_import")
+    assert messages[1].startswith("HFImportError: ") and "injected on rank 1" in messages[1]
+    assert messages[0].startswith("HFImportError: ") and "failed on rank 1: " in messages[0]
+

@@ -1,5 +1,6 @@
 """The HF callbacks driven from the command line, as a user runs them."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from bridges import export_dir
 from bridges.export_dir import is_complete
 from tests.bridges.glm45_tiny import make_checkpoint
 
@@ -76,6 +78,7 @@ def test_mismatched_source_is_refused_naming_the_tensor(source, tmp_path):
     assert "no parameter was changed" in done.stderr
 
 
+@pytest.mark.slow
 def test_killed_run_never_leaves_a_complete_looking_export(tmp_path):
     # Export every step (synchronously, so exports are in flight most of the time), kill mid-run.
     run = tmp_path / "run"
@@ -99,3 +102,7 @@ def test_killed_run_never_leaves_a_complete_looking_export(tmp_path):
         assert (hf / name / "config.json").exists() and (hf / name / "trainer_state.json").exists()
     latest = (hf / "latest").read_text().strip()
     assert latest in finals
+    # The killed run's lock stays behind; the next run sees its process is gone and takes the root over.
+    assert json.load(open(hf / ".lock"))["pid"] == proc.pid
+    assert "stale lock of run " in export_dir.acquire_lock(str(hf), "next")
+    export_dir.release_lock(str(hf), "next")

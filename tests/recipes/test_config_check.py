@@ -83,3 +83,30 @@ def test_end_to_end_one_line_and_exit_status_2(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and lines == ["error: data.micro_batch_size: must be >= 1, got -2"], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_mtp_requested_but_absent_from_the_config_is_said_in_one_line(tmp_path, monkeypatch, capsys):
+    import json
+
+    config = json.load(open(os.path.join(CONF, "model", "glm45_tiny", "config.json")))
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, num_nextn_predict_layers=0)))
+    monkeypatch.setattr(train, "_run_dir", lambda: str(tmp_path))
+    cfg = _compose("recipe=glm45", f"model.hf_config={tmp_path}", "~hf_export",
+                   f"callbacks.metrics_file.path={tmp_path}/metrics.json")
+    _, module, _ = train.build_run(cfg)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mtp: off")]
+    assert not module.mtp_enabled and len(lines) == 1 and "num_nextn_predict_layers: 0" in lines[0], lines
+
+
+def test_token_file_shorter_than_the_validation_interval_is_refused(tmp_path, monkeypatch):
+    import numpy as np
+
+    from recipes.data import DataConfigError
+
+    np.save(tmp_path / "tokens.npy", np.zeros((8 * 3 + 32, 65), dtype=np.int64))  # 3 steps after validation rows
+    monkeypatch.setattr(train, "_run_dir", lambda: str(tmp_path))
+    cfg = _compose("recipe=glm45", "data=tokens", f"data.path={tmp_path}/tokens.npy", "trainer.val_check_interval=5",
+                   "~hf_export", f"callbacks.metrics_file.path={tmp_path}/metrics.json")
+    with pytest.raises(DataConfigError, match="trainer.val_check_interval: 5 steps between validations, but an "
+                                              "epoch of data.path has only 3 steps"):
+        train.build_run(cfg)
