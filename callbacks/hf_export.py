@@ -35,7 +35,7 @@ from bridges.safetensors_io import SafetensorsCheckpoint
 from callbacks.progress import say
 
 EXPORT_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
+                 "fp16": torch.float16, "float16": torch.float16}
 
 
 class HFExportError(RuntimeError):
