@@ -198,6 +198,7 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
         hf_export_module.write_checkpoint = write_checkpoint
         figures["callback_durable"] = callback_runs(durable_runs)
         hf_export_module.write_checkpoint = functools.partial(write_checkpoint, fsync=False)
+    callback.on_fit_end(trainer, module)  # releases the export root's lock
 
     # ---- import: ours (every rank, its own regions) against load_file + touch on rank 0
     our_export()
