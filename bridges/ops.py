@@ -1,9 +1,11 @@
 """Small reversible tensor ops between HF and Megatron layouts: `forward` goes HF -> Megatron, `inverse` back.
 
 Every op takes and returns a list of tensors and is pure (no communication, no state). Two kinds:
-- view ops (`Transpose`, `ExpertSlice`, `GateUpHalves`, `GateUpInterleave`) only re-index one HF tensor,
-  so they also say where their outputs lie inside it (`views`), which lets rules read and write regions;
-- combine ops (`Rename`, `QKVInterleave`, `GateUpConcat`) join the (sharded) parts into one Megatron tensor.
+- view ops (`Transpose`, `ExpertSlice`, `GateUpHalves`, `GateUpInterleave`, `Sections`, `Blocks`) only
+  re-index one HF tensor, so they also say where their outputs lie inside it (`views`), which lets rules read
+  and write regions;
+- combine ops (`Rename`, `QKVInterleave`, `GateUpConcat`, `Concat`, `GatedQKVInterleave`) join the (sharded)
+  parts into one Megatron tensor.
 """
 
 from __future__ import annotations
@@ -86,6 +88,65 @@ class GateUpConcat:
         return list(fc1.split(_halves(fc1.shape[self.dim], "GateUpConcat"), dim=self.dim))
 
 
+@dataclass(frozen=True)
+class Concat:
+    """Parts of global sizes `sizes` along dim 0 <-> one Megatron tensor [part 0; part 1; ...]. Each part may be
+    a tensor-parallel shard of the same fraction of its global size (Gated DeltaNet's in-projection)."""
+
+    sizes: tuple[int, ...]
+
+    def forward(self, xs: Tensors) -> Tensors:
+        if len(xs) != len(self.sizes):
+            raise ValueError(f"Concat takes {len(self.sizes)} parts, got {len(xs)}")
+        return [torch.cat(xs, dim=0)]
+
+    def inverse(self, ys: Tensors) -> Tensors:
+        y = _one(ys, "Concat")
+        total = sum(self.sizes)
+        if (y.shape[0] * self.sizes[0]) % total:
+            raise ValueError(f"Concat: {y.shape[0]} rows are not a whole fraction of {list(self.sizes)}")
+        return list(y.split([s * y.shape[0] // total for s in self.sizes], dim=0))
+
+
+@dataclass(frozen=True)
+class GatedQKVInterleave:
+    """Per-head parts of a gated attention's projections <-> Megatron `linear_qkv` with an output gate,
+    grouped by KV head: per group its q heads, then their gate heads, then its k head, then its v head.
+
+    The parts come in the rule's order: the query and gate heads of the held groups alternating (q_0, g_0, q_1,
+    g_1, ...: transformers' q_proj keeps each head's query and gate together), then the k heads, then the
+    v heads; every part is one head ([head_dim, ...])."""
+
+    heads_per_group: int
+    head_dim: int
+
+    def forward(self, xs: Tensors) -> Tensors:
+        hpg, per_group = self.heads_per_group, 2 * self.heads_per_group + 2
+        if len(xs) % per_group:
+            raise ValueError(f"GatedQKVInterleave: {len(xs)} parts are not groups of {per_group} heads")
+        groups = len(xs) // per_group
+        qg, k, v = xs[: 2 * hpg * groups], xs[2 * hpg * groups : (2 * hpg + 1) * groups], xs[(2 * hpg + 1) * groups :]
+        out = []
+        for g in range(groups):
+            heads = qg[2 * hpg * g : 2 * hpg * (g + 1)]
+            out += heads[0::2] + heads[1::2] + [k[g], v[g]]
+        return [torch.cat(out, dim=0)]
+
+    def inverse(self, ys: Tensors) -> Tensors:
+        y = _one(ys, "GatedQKVInterleave")
+        hpg, per_group = self.heads_per_group, 2 * self.heads_per_group + 2
+        if y.shape[0] % (per_group * self.head_dim):
+            raise ValueError(f"GatedQKVInterleave: {y.shape[0]} rows are not groups of {per_group} heads")
+        heads = list(y.split(self.head_dim, dim=0))
+        qg, k, v = [], [], []
+        for g in range(len(heads) // per_group):
+            group = heads[per_group * g : per_group * (g + 1)]
+            qg += [h for pair in zip(group[:hpg], group[hpg : 2 * hpg]) for h in pair]
+            k.append(group[2 * hpg])
+            v.append(group[2 * hpg + 1])
+        return qg + k + v
+
+
 # ---- view ops ----------------------------------------------------------------------------------
 
 
@@ -165,3 +226,54 @@ class GateUpInterleave:
     def views(self, view: View, expert: int | None = None) -> list[View]:
         n = _halves(view.shape[self.dim], "GateUpInterleave")
         return [view.stride(self.dim, 0, 2, n), view.stride(self.dim, 1, 2, n)]
+
+
+@dataclass(frozen=True)
+class Sections:
+    """One HF tensor made of consecutive sections of `sizes` along `dim` (Gated DeltaNet's fused q/k/v
+    projection and convolution) <-> one part per section."""
+
+    sizes: tuple[int, ...]
+    dim: int = 0
+
+    def _starts(self, n: int) -> list[int]:
+        if sum(self.sizes) != n:
+            raise ValueError(f"Sections: sizes {list(self.sizes)} do not add up to {n}")
+        return [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+
+    def forward(self, xs: Tensors) -> Tensors:
+        x = _one(xs, "Sections")
+        self._starts(x.shape[self.dim])
+        return list(x.split(list(self.sizes), dim=self.dim))
+
+    def inverse(self, ys: Tensors) -> Tensors:
+        return [torch.cat(ys, dim=self.dim)]
+
+    def views(self, view: View, expert: int | None = None) -> list[View]:
+        starts = self._starts(view.shape[self.dim])
+        return [view.stride(self.dim, start, 1, size) for start, size in zip(starts, self.sizes)]
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """One HF tensor cut along `dim` into consecutive blocks of `size` (one part per attention head)."""
+
+    size: int
+    dim: int = 0
+
+    def _count(self, n: int) -> int:
+        if n % self.size:
+            raise ValueError(f"Blocks: dim of size {n} is not whole blocks of {self.size}")
+        return n // self.size
+
+    def forward(self, xs: Tensors) -> Tensors:
+        x = _one(xs, "Blocks")
+        self._count(x.shape[self.dim])
+        return list(x.split(self.size, dim=self.dim))
+
+    def inverse(self, ys: Tensors) -> Tensors:
+        return [torch.cat(ys, dim=self.dim)]
+
+    def views(self, view: View, expert: int | None = None) -> list[View]:
+        n = self._count(view.shape[self.dim])
+        return [view.stride(self.dim, i * self.size, 1, self.size) for i in range(n)]

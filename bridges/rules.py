@@ -16,7 +16,7 @@ import torch
 
 from bridges import ops
 from bridges.pieces import PieceSpec, region_shape
-from bridges.sharding import COLUMN, REPLICATED, ROW, Sharding
+from bridges.sharding import COLUMN, HEADS, REPLICATED, ROW, Sharding
 from bridges.views import View
 
 Shape = tuple[int, ...]
@@ -28,6 +28,7 @@ class Rule:
     hf: tuple[str, ...]  # HF tensor names, in the order the op chain takes them
     hf_shapes: tuple[Shape, ...]  # full HF shapes, same order
     views: tuple = ()  # view ops applied to every HF tensor (may fan one tensor out into parts)
+    first_views: tuple = ()  # view ops applied to the first HF tensor only, after `views`
     combine: object = ops.Rename()  # joins the sharded parts into the Megatron tensor
     shard: Sharding = REPLICATED
     expert: int | None = None  # global expert index: expert params use the expert TP / DP groups
@@ -38,20 +39,27 @@ class Rule:
 
     @property
     def ops(self) -> tuple:
-        return tuple(self.views) + (self.combine,)
+        return tuple(self.views) + tuple(self.first_views) + (self.combine,)
 
     def parts(self) -> list[tuple[int, View]]:
         """(HF tensor index, view) for every part the combine op takes, in order."""
         out = []
         for i, shape in enumerate(self.hf_shapes):
             views = [View.whole(shape)]
-            for op in self.views:
+            for op in self.views + (self.first_views if i == 0 else ()):
                 views = [w for v in views for w in op.views(v, self.expert)]
             out += [(i, v) for v in views]
         return out
 
     def _local(self, rank: int, size: int):
-        for i, view in self.parts():
+        parts = self.parts()
+        counts = [sum(1 for i, _ in parts if i == tensor) for tensor in range(len(self.hf))]
+        index = [0] * len(self.hf)
+        for i, view in parts:
+            held = self.shard.holds(index[i], counts[i], rank, size)
+            index[i] += 1
+            if not held:
+                continue
             part_region, pad = self.shard.region(view.shape, rank, size)
             yield i, view, view.region(part_region), pad
 
@@ -172,6 +180,43 @@ def attention(
             same(m + "k_layernorm.weight", h + "k_norm.weight", (head_dim,)),
         ]
     return table
+
+
+def gated_attention(m: str, h: str, hidden: int, heads: int, groups: int, head_dim: int) -> list[Rule]:
+    """Self-attention with a sigmoid output gate and QK norm (Qwen3.5): HF `q_proj` [heads x (query, gate) x
+    head_dim, H] (each head's query then its gate), `k_proj`, `v_proj`, `o_proj`, `{q,k}_norm` under `h` <->
+    Megatron `linear_qkv` (per KV group: q heads, gate heads, k, v), `linear_proj`, `{q,k}_layernorm` under `m`.
+    Tensor-parallel by whole heads (KV groups)."""
+    q, kv = heads * head_dim, groups * head_dim
+    shapes = ((2 * q, hidden), (kv, hidden), (kv, hidden))
+    return [
+        Rule(m + "linear_qkv.weight", tuple(h + f"{p}_proj.weight" for p in "qkv"), shapes,
+             views=(ops.Blocks(head_dim),), combine=ops.GatedQKVInterleave(heads // groups, head_dim), shard=HEADS),
+        same(m + "linear_proj.weight", h + "o_proj.weight", (hidden, q), ROW),
+        same(m + "q_layernorm.weight", h + "q_norm.weight", (head_dim,)),
+        same(m + "k_layernorm.weight", h + "k_norm.weight", (head_dim,)),
+    ]
+
+
+def gated_delta_net(
+    m: str, h: str, hidden: int, key_heads: int, value_heads: int, key_dim: int, value_dim: int, kernel: int
+) -> list[Rule]:
+    """A Gated DeltaNet layer: HF `in_proj_{qkv,z,b,a}`, `conv1d`, `A_log`, `dt_bias`, `norm`, `out_proj` under `h`
+    <-> Megatron `in_proj` ([q; k; v; z; beta; alpha] on each TP rank, each its share of the heads), `conv1d`
+    ([q; k; v] channels likewise), `A_log`, `dt_bias`, `out_norm`, `out_proj` under `m`."""
+    qk, v = key_heads * key_dim, value_heads * value_dim
+    qkv = (qk, qk, v)
+    return [
+        Rule(m + "in_proj.weight", tuple(h + f"in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")),
+             ((2 * qk + v, hidden), (v, hidden), (value_heads, hidden), (value_heads, hidden)),
+             first_views=(ops.Sections(qkv),), combine=ops.Concat(qkv + (v, value_heads, value_heads)), shard=COLUMN),
+        Rule(m + "conv1d.weight", (h + "conv1d.weight",), ((2 * qk + v, 1, kernel),),
+             views=(ops.Sections(qkv),), combine=ops.Concat(qkv), shard=COLUMN),
+        same(m + "A_log", h + "A_log", (value_heads,), COLUMN),
+        same(m + "dt_bias", h + "dt_bias", (value_heads,), COLUMN),
+        same(m + "out_norm.weight", h + "norm.weight", (value_dim,)),
+        same(m + "out_proj.weight", h + "out_proj.weight", (hidden, v), ROW),
+    ]
 
 
 def gated_mlp(m: str, h: str, ffn: int, hidden: int, expert: int | None = None) -> list[Rule]:

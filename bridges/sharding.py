@@ -20,6 +20,16 @@ class ShardingError(ValueError):
 class Sharding:
     dim: int | None = None  # part dim split over TP ranks; None = replicated
     vocab: int | None = None  # vocab-parallel: real vocabulary size along `dim` (the rest is padding)
+    # whole parts: each HF tensor's parts (attention heads) are dealt to the ranks in equal contiguous blocks
+    whole_parts: bool = False
+
+    def holds(self, index: int, count: int, rank: int, size: int) -> bool:
+        """Whether this rank holds part `index` of an HF tensor's `count` parts (always, unless whole_parts)."""
+        if not self.whole_parts:
+            return True
+        if count % size:
+            raise ShardingError(f"{count} heads do not split over {size} tensor-parallel ranks")
+        return index // (count // size) == rank
 
     @property
     def replicated(self) -> bool:
@@ -28,7 +38,7 @@ class Sharding:
     def region(self, part_shape: tuple[int, ...], rank: int, size: int) -> tuple[Region, int]:
         """This rank's region of a part, and how many padding rows follow it locally."""
         region = list(full_region(part_shape))
-        if self.dim is None:
+        if self.dim is None or self.whole_parts:
             return tuple(region), 0
         n = part_shape[self.dim]
         if self.vocab is not None:
@@ -47,6 +57,7 @@ class Sharding:
 REPLICATED = Sharding()
 COLUMN = Sharding(dim=0)  # ColumnParallelLinear: output features split
 ROW = Sharding(dim=1)  # RowParallelLinear: input features split
+HEADS = Sharding(dim=0, whole_parts=True)  # ColumnParallelLinear whose parts are whole heads (gated attention)
 
 
 def vocab_parallel(vocab_size: int) -> Sharding:

@@ -42,7 +42,7 @@ class VirtualParam:
     def local_shape(self, ranks: Ranks) -> tuple[int, ...]:
         rule = self.rule
         # The shape depends on the op chain and the sharding, not on names or the expert index.
-        key = (rule.hf_shapes, rule.views, rule.combine, rule.shard, *_tp(rule, ranks))
+        key = (rule.hf_shapes, rule.views, rule.first_views, rule.combine, rule.shard, *_tp(rule, ranks))
         if key not in _LOCAL_SHAPES:
             _LOCAL_SHAPES[key] = rule.local_shape(*_tp(rule, ranks))
         return _LOCAL_SHAPES[key]

@@ -153,9 +153,12 @@ def build_gpt_model(
     cpu_runtime.enable()
     config = transformer_config(arch, layout, params_dtype, mtp_loss_scaling_factor, overrides)
     use_te = _transformer_engine_available()
-    block_spec = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=use_te, normalization=config.normalization
-    )
+    if config.experimental_attention_variant == "gated_delta_net":
+        block_spec = gated_delta_net_block_spec(config, use_te)
+    else:
+        block_spec = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_te, normalization=config.normalization
+        )
     mtp_spec = None
     if arch.mtp_num_layers:
         mtp_spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_te)
@@ -180,6 +183,52 @@ def build_gpt_model(
 
         model.rotary_pos_emb = InterleavedMultimodalRotaryEmbedding.like(model.rotary_pos_emb)
     return model
+
+
+def gated_delta_net_block_spec(config, use_te: bool):
+    """This pipeline stage's decoder block spec of a hybrid model (Qwen3.5): the GPT layer specs, with Megatron-Core's
+    GatedDeltaNet as the attention of the layers `config.linear_attention_freq` marks 1. The input norm stays a
+    separate module (not fused into the in-projection), so parameter names are the same with and without
+    Transformer Engine; the GatedDeltaNet's own output norm is a plain RMSNorm even with zero-centred norms."""
+    import copy
+
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.models.gpt.experimental_attention_variant_module_specs import get_linear_attention_pattern
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    if use_te:
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        backend = TESpecProvider()
+    else:
+        backend = LocalSpecProvider()
+    norm = backend.layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=False)
+
+    class PlainNorm:
+        """The backend's norm without zero-centred gamma (Gated DeltaNet's gated output norm)."""
+
+        def __new__(cls, config, hidden_size, eps=1e-5):
+            plain = copy.copy(config)
+            plain.layernorm_zero_centered_gamma = False
+            return norm(config=plain, hidden_size=hidden_size, eps=eps)
+
+    gdn = ModuleSpec(module=GatedDeltaNet, submodules=GatedDeltaNetSubmodules(
+        in_proj=backend.column_parallel_linear(), out_norm=PlainNorm, out_proj=backend.row_parallel_linear()))
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=config.normalization)
+    offset = get_transformer_layer_offset(config)
+    pattern = get_linear_attention_pattern(config)
+    specs = []
+    for index, spec in enumerate(block.layer_specs):
+        if pattern[offset + index]:
+            spec = copy.deepcopy(spec)
+            spec.submodules.self_attention = gdn
+            spec.submodules.input_layernorm = norm
+        specs.append(spec)
+    block.layer_specs = specs
+    return block
 
 
 def _mask_vocab_padding(model, vocab_size: int, tp: int) -> None:

@@ -7,7 +7,10 @@ when CUDA is available, so GPU runs use Megatron-Core unchanged. Steps:
 - a CPU RNG tracker replaces the CUDA one (model-parallel / expert-parallel RNG streams);
 - Transformer Engine's GEMM name, absent without TE, is defined as None for the MoE router;
 - the torch norm wrapper accepts sequence parallelism (needed for MoE with TP > 1) and marks
-  its weights `sequence_parallel` so their gradients are reduced over the TP group;
+  its weights `sequence_parallel` so their gradients are reduced over the TP group; with
+  `layernorm_zero_centered_gamma` it builds an RMSNorm that scales by (1 + weight);
+- Gated DeltaNet runs on torch alone: Megatron-Core's `torch_chunk_gated_delta_rule` and a torch L2 norm stand
+  in for flash-linear-attention's kernels (its convolution already falls back to torch without causal-conv1d);
 - the pipeline schedules' hard-coded `device="cuda"` allocations land on the CPU, and
   `torch.cuda.synchronize()` (used around p2p) is a no-op;
 - the local attention's sliding-window mask (built with `device="cuda"`) is built on the CPU;
@@ -40,6 +43,7 @@ def enable() -> bool:
     _patch_torch_norm_for_sequence_parallel()
     _patch_pipeline_schedules()
     _patch_sliding_window_mask()
+    _patch_gated_delta_net()
     _ENABLED = True
     return True
 
@@ -119,7 +123,9 @@ def _patch_torch_norm_for_sequence_parallel() -> None:
     from megatron.core.transformer import torch_norm
 
     def new(cls, config, hidden_size, eps=1e-5, **_unused):
-        if config.normalization == "RMSNorm":
+        if config.normalization == "RMSNorm" and config.layernorm_zero_centered_gamma:
+            norm = ZeroCenteredRMSNorm(hidden_size, eps=eps)
+        elif config.normalization == "RMSNorm":
             norm = torch.nn.RMSNorm(hidden_size, eps=eps)
         elif config.normalization == "LayerNorm":
             norm = torch.nn.LayerNorm(hidden_size, eps=eps)
@@ -131,6 +137,39 @@ def _patch_torch_norm_for_sequence_parallel() -> None:
         return norm
 
     torch_norm.WrappedTorchNorm.__new__ = new
+
+
+class ZeroCenteredRMSNorm(torch.nn.Module):
+    """RMSNorm scaling by (1 + weight), weight initialised to zero (Megatron's `layernorm_zero_centered_gamma`,
+    Transformer Engine's `zero_centered_gamma`); computed in fp32 like transformers' Qwen3.5 / Qwen3-Next norm."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def _patch_gated_delta_net() -> None:
+    """Replaces flash-linear-attention's chunked gated delta rule and L2 norm with torch code (Megatron-Core's own
+    `torch_chunk_gated_delta_rule`), so Megatron-Core's GatedDeltaNet builds and runs without `fla`."""
+    from megatron.core.ssm import gated_delta_net
+
+    if gated_delta_net.HAVE_FLA:
+        return
+    gated_delta_net.HAVE_FLA = True
+    gated_delta_net.l2norm = l2norm
+    gated_delta_net.chunk_gated_delta_rule = gated_delta_net.torch_chunk_gated_delta_rule
+
+
+def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
+    """flash-linear-attention's `l2norm` (x / sqrt(sum x^2 + eps)), in fp32."""
+    y = x.float()
+    return (y * torch.rsqrt(y.pow(2).sum(dim=dim, keepdim=True) + eps)).to(x.dtype)
 
 
 def adapt_config(kwargs: dict) -> dict:

@@ -1,0 +1,229 @@
+"""Qwen3.5-MoE (`qwen3_5_moe`): HF config <-> Megatron architecture, and the weight rule table.
+
+Language model (`model.language_model.`): a hybrid of Gated DeltaNet layers (`linear_attn.*`, Megatron-Core's
+GatedDeltaNet) and gated full-attention layers (`self_attn.*`: q_proj carries each head's query and sigmoid output
+gate; QK norm), per `layer_types`; every layer MoE with a softmax top-k router (renormalised), routed experts and one
+shared expert scaled by a sigmoid gate (`shared_expert_gate`); zero-centred RMSNorms (x * (1 + w)) except the Gated
+DeltaNet's gated output norm (plain weight); partial rotary (0.25) with interleaved multimodal sections.
+MTP (`mtp.*`, not modelled by transformers): `pre_fc_norm_embedding`, `pre_fc_norm_hidden`, `fc` [H, 2H]
+(embedding half first), one full-attention MoE layer `mtp.layers.0.*` and `norm`; embedding and head shared.
+Vision tower (`model.visual.`): transformers' `Qwen3_5MoeVisionModel`, weights passed through, no deepstack.
+Experts per expert on disk (`save_pretrained`), or fused `[E, out, in]` / `[E, in, out]` (decided from shapes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridges import hf_config as hfc
+from bridges import vlm_config
+from bridges.local_params import EMBEDDING, MTP_INNER, OUTPUT
+from bridges.megatron.build import GPTArchitecture, MRoPE
+from bridges.models import qwen3_vl_moe
+from bridges.models.qwen3_moe import num_experts
+from bridges.rules import (
+    FUSED, PER_EXPERT, Ignore, Rule, RuleSet, gated_attention, gated_delta_net, gated_mlp, routed_experts, same,
+)
+from bridges.sharding import COLUMN, vocab_parallel
+from bridges.vision_tower import VisionTower
+
+MODEL_TYPE = "qwen3_5_moe"
+TEXT = "model.language_model."
+VISUAL = "model.visual."
+IN_OUT = qwen3_vl_moe.IN_OUT  # fused experts stored [E, in, out]
+EXPERT_LAYOUTS = (PER_EXPERT, FUSED, IN_OUT)  # save_pretrained writes per expert
+DEFAULT_MROPE_SECTION = (11, 11, 10)  # transformers' default when the config has none
+DEFAULT_PARTIAL_ROTARY = 0.25  # Qwen3_5MoeTextConfig's default
+LINEAR, FULL = "linear_attention", "full_attention"
+
+
+def architecture(config: dict[str, Any]) -> GPTArchitecture:
+    """Megatron architecture (hybrid language model, mrope, vision tower spec) of an HF `qwen3_5_moe` config."""
+    if config.get("model_type") != MODEL_TYPE:
+        raise hfc.HFConfigError(f"expected model_type {MODEL_TYPE!r}, got {config.get('model_type')!r}")
+    refuse = lambda why: hfc.HFConfigError(f"qwen3_5_moe: {why}")  # noqa: E731
+    text = dict(hfc.require(config, "text_config"), model_type=MODEL_TYPE)
+    req = lambda key: hfc.require(text, key)  # noqa: E731
+    vision = {k: v for k, v in hfc.require(config, "vision_config").items() if k != "model_type"}
+    moe_ffn = int(req("moe_intermediate_size"))
+    # every layer is MoE: Megatron's dense ffn size is unused
+    transformer = hfc.decoder_transformer({"intermediate_size": moe_ffn, **text}, rms_norm_eps=1e-6)
+    layers = transformer["num_layers"]
+    if text.get("attention_bias"):
+        raise refuse("attention_bias=true is not supported (Megatron cannot bias o_proj alone)")
+    if text.get("attn_output_gate") is False:
+        raise refuse("attn_output_gate=false is not supported (transformers' Qwen3.5 attention always gates)")
+    types = list(text.get("layer_types") or [])
+    if not types:
+        interval = int(text.get("full_attention_interval") or 4)
+        types = [FULL if (i + 1) % interval == 0 else LINEAR for i in range(layers)]
+    if len(types) != layers or set(types) - {LINEAR, FULL}:
+        raise refuse(f"layer_types must give {LINEAR!r} or {FULL!r} for each of the {layers} layers, got {types}")
+    rope = hfc.rope_parameters({"partial_rotary_factor": DEFAULT_PARTIAL_ROTARY, **text})
+    if rope["rope_type"] not in ("default", None):
+        raise refuse(f"rope_type {rope['rope_type']!r} is not supported")
+    if rope.get("mrope_interleaved") is False:
+        raise refuse("mrope_interleaved=false is not supported (transformers' Qwen3.5 interleaves the sections)")
+    mtp = int(text.get("mtp_num_hidden_layers") or 0)
+    if mtp > 1:
+        raise refuse(f"mtp_num_hidden_layers={mtp}: Qwen3.5 keeps one fc / norm set for all MTP layers, Megatron "
+                     "one per MTP layer; only 0 or 1 is supported")
+    if mtp and text.get("mtp_use_dedicated_embeddings"):
+        raise refuse("mtp_use_dedicated_embeddings=true is not supported (Megatron's MTP shares the embedding)")
+    if mtp and types[-1] != FULL:
+        raise refuse("MTP needs the last layer to be full attention (Megatron builds the MTP layer like it)")
+    deepstack = vision.get("deepstack_visual_indexes") or []
+    if deepstack:
+        raise refuse(f"deepstack_visual_indexes={deepstack} is not supported (transformers' Qwen3.5 has none)")
+    aux = float(text.get("router_aux_loss_coef") or 0.0)
+    transformer.update(
+        add_qkv_bias=False,
+        qk_layernorm=True,
+        layernorm_zero_centered_gamma=True,
+        attention_output_gate=True,
+        experimental_attention_variant="gated_delta_net",
+        linear_attention_freq=[int(t == LINEAR) for t in types],
+        linear_conv_kernel_dim=int(req("linear_conv_kernel_dim")),
+        linear_key_head_dim=int(req("linear_key_head_dim")),
+        linear_value_head_dim=int(req("linear_value_head_dim")),
+        linear_num_key_heads=int(req("linear_num_key_heads")),
+        linear_num_value_heads=int(req("linear_num_value_heads")),
+        num_moe_experts=num_experts(text),
+        moe_ffn_hidden_size=moe_ffn,
+        moe_shared_expert_intermediate_size=int(req("shared_expert_intermediate_size")),
+        moe_shared_expert_gate=True,
+        moe_layer_freq=[1] * layers,
+        moe_router_topk=int(req("num_experts_per_tok")),
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=False,  # softmax over the top-k logits == transformers' renormalised top-k
+        moe_router_load_balancing_type="aux_loss" if aux else "none",
+        moe_aux_loss_coeff=aux,
+    )
+    tower = VisionTower(
+        "Qwen3_5MoeVisionModel", "Qwen3_5MoeVisionConfig", vision,
+        image_token_id=int(hfc.require(config, "image_token_id")),
+        spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
+    )
+    return GPTArchitecture(
+        transformer=transformer,
+        vocab_size=int(req("vocab_size")),
+        max_position_embeddings=int(text.get("max_position_embeddings", 262144)),
+        rotary_percent=float(rope["partial_rotary_factor"]),
+        rotary_base=float(rope["rope_theta"]),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        mtp_num_layers=mtp,
+        mrope=MRoPE(tuple(rope.get("mrope_section") or DEFAULT_MROPE_SECTION), interleaved=True),
+        extra=vlm_config.extra(tower, config),
+    )
+
+
+def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype=None) -> dict[str, Any]:
+    """HF `qwen3_5_moe` config (transformers 5 style) for a Megatron architecture; `mtp_num_hidden_layers` is the
+    MTP layer count of `arch`. Token ids and other fields Megatron does not model come from `source` (the import
+    source's config) or else the config `arch` was made from."""
+    t = arch.transformer
+    source = source or {}
+    source_text = source.get("text_config") or {}
+    text = {k: v for k, v in source_text.items() if k not in _TEXT_LEGACY_KEYS}
+    text.update(hfc.decoder_fields(arch))
+    if "intermediate_size" not in source_text:
+        text.pop("intermediate_size")  # Megatron's dense ffn size: no Qwen3.5 layer has one
+    text.update(
+        model_type="qwen3_5_moe_text",
+        attention_bias=False,
+        attn_output_gate=True,
+        layer_types=[LINEAR if la else FULL for la in t["linear_attention_freq"]],
+        linear_conv_kernel_dim=t["linear_conv_kernel_dim"],
+        linear_key_head_dim=t["linear_key_head_dim"],
+        linear_value_head_dim=t["linear_value_head_dim"],
+        linear_num_key_heads=t["linear_num_key_heads"],
+        linear_num_value_heads=t["linear_num_value_heads"],
+        moe_intermediate_size=t["moe_ffn_hidden_size"],
+        shared_expert_intermediate_size=t["moe_shared_expert_intermediate_size"],
+        num_experts=t["num_moe_experts"],
+        num_experts_per_tok=t["moe_router_topk"],
+        router_aux_loss_coef=t["moe_aux_loss_coeff"],
+        rope_parameters={"rope_type": "default", "rope_theta": arch.rotary_base,
+                         "partial_rotary_factor": arch.rotary_percent, "mrope_section": list(arch.mrope.section),
+                         "mrope_interleaved": True},
+        mtp_num_hidden_layers=arch.mtp_num_layers,
+        mtp_use_dedicated_embeddings=False,
+    )
+    text.pop("full_attention_interval", None)  # layer_types says it
+    return vlm_config.compose(arch, source, text, "Qwen3_5MoeForConditionalGeneration", MODEL_TYPE,
+                              "qwen3_5_moe_vision", dtype)
+
+
+# transformers 4 spellings replaced on export; `num_local_experts` by `num_experts`.
+_TEXT_LEGACY_KEYS = {"rope_theta", "rope_scaling", "partial_rotary_factor", "torch_dtype", "num_local_experts"}
+
+
+def expert_layout_of(source, arch: GPTArchitecture, config: dict | None = None) -> tuple[str, list[str]]:
+    """(expert layout, notes): per expert without fused expert tensors, else the fused orientation their shapes
+    (or, for square ones, `transformers_version`) say, as for Qwen3-VL-MoE."""
+    if not any(n.endswith(".mlp.experts.gate_up_proj") or n.endswith(".mlp.experts.down_proj") for n in source.keys()):
+        return PER_EXPERT, []
+    return qwen3_vl_moe.expert_layout_of(source, arch, config)
+
+
+# ---- weights: HF tensors <-> Megatron parameters -------------------------------------------------
+
+
+def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
+    """The complete rule table (language model under `model.language_model.`, MTP under `mtp.`, vision tower)."""
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"qwen3_5_moe: expert layout {expert_layout!r} is not one of {EXPERT_LAYOUTS}")
+    t = arch.transformer
+    hidden, vocab = t["hidden_size"], (arch.vocab_size, t["hidden_size"])
+    table = [
+        same(EMBEDDING, TEXT + "embed_tokens.weight", vocab, vocab_parallel(arch.vocab_size)),
+        same("decoder.final_layernorm.weight", TEXT + "norm.weight", (hidden,)),
+    ]
+    ignored = []
+    if arch.tie_word_embeddings:
+        ignored.append(Ignore(r"lm_head\.weight", f"tied to {TEXT}embed_tokens.weight"))
+    else:
+        table.append(same(OUTPUT, "lm_head.weight", vocab, vocab_parallel(arch.vocab_size)))
+    for layer, linear in enumerate(t["linear_attention_freq"]):
+        table += _layer(t, f"decoder.layers.{layer}.", f"{TEXT}layers.{layer}.", bool(linear), expert_layout)
+    for i in range(arch.mtp_num_layers):
+        m = f"mtp.layers.{i}."
+        table += [
+            same(m + "enorm.weight",           "mtp.pre_fc_norm_embedding.weight", (hidden,)),
+            same(m + "hnorm.weight",           "mtp.pre_fc_norm_hidden.weight",    (hidden,)),
+            same(m + "eh_proj.weight",         "mtp.fc.weight",                    (hidden, 2 * hidden), COLUMN),
+            same(m + "final_layernorm.weight", "mtp.norm.weight",                  (hidden,)),
+            *_layer(t, m + MTP_INNER + ".", f"mtp.layers.{i}.", False, expert_layout),
+        ]
+    if not arch.mtp_num_layers:
+        ignored.append(Ignore(r"mtp\..*", "MTP disabled"))
+    table += arch.extra["vision"].rules(VISUAL)
+    return RuleSet(table, ignored_hf=ignored)
+
+
+def _layer(t: dict, m: str, h: str, linear: bool, expert_layout: str) -> list[Rule]:
+    """One decoder layer (Gated DeltaNet or gated attention, then MoE): Megatron names under `m`, HF under `h`."""
+    hidden, experts = t["hidden_size"], t["num_moe_experts"]
+    table = [
+        same(m + "input_layernorm.weight",   h + "input_layernorm.weight",          (hidden,)),
+        same(m + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight", (hidden,)),
+    ]
+    if linear:
+        table += gated_delta_net(m + "self_attention.", h + "linear_attn.", hidden, t["linear_num_key_heads"],
+                                 t["linear_num_value_heads"], t["linear_key_head_dim"], t["linear_value_head_dim"],
+                                 t["linear_conv_kernel_dim"])
+    else:
+        table += gated_attention(m + "self_attention.", h + "self_attn.", hidden, t["num_attention_heads"],
+                                 t["num_query_groups"], t["kv_channels"])
+    table += [
+        same(m + "mlp.router.weight", h + "mlp.gate.weight", (experts, hidden)),
+        *gated_mlp(m + "mlp.shared_experts.", h + "mlp.shared_expert.", t["moe_shared_expert_intermediate_size"],
+                   hidden),
+        same(m + "mlp.shared_experts.gate_weight", h + "mlp.shared_expert_gate.weight", (1, hidden)),
+    ]
+    if expert_layout == IN_OUT:
+        return table + qwen3_vl_moe._experts_in_out(m + "mlp.experts.", h + "mlp.experts.", experts,
+                                                    t["moe_ffn_hidden_size"], hidden)
+    return table + routed_experts(m + "mlp.experts.", h + "mlp.experts.", experts, t["moe_ffn_hidden_size"], hidden,
+                                  expert_layout)
+
