@@ -19,6 +19,7 @@ from bridges.megatron.build import GPTArchitecture
 from bridges.megatron.layout import LayoutError, ParallelLayout
 from bridges.pieces import PieceSpec
 from bridges.rules import Rule, RuleSet
+from bridges.vision_tower import MEGATRON_PREFIX as VISION_PREFIX
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 _LAST_STAGE = ("decoder.final_layernorm.", "mtp.layers.", OUTPUT)
@@ -143,7 +144,7 @@ class LayoutPlanner:
 
     def _stage(self, name: str) -> int:
         """The pipeline stage that writes parameter `name` (copies elsewhere are added by `params`)."""
-        if name == EMBEDDING:
+        if name == EMBEDDING or name.startswith(VISION_PREFIX):  # the vision tower runs on the first stage
             return 0
         if m := _LAYER.match(name):
             return self._stage_of_layer[int(m[1])]

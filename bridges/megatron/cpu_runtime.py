@@ -151,7 +151,8 @@ class ZeroCenteredRMSNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).type_as(x)
+        # contiguous like torch.nn.RMSNorm's output, whatever the input's strides (the MoE router views it)
+        return (y * (1.0 + self.weight.float())).type_as(x).contiguous()
 
 
 def _patch_gated_delta_net() -> None:
