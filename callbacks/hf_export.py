@@ -230,7 +230,7 @@ class HFExportCallback(pl.Callback):
         config_arch = arch
         if self.mtp_passthrough and not pl_module.mtp_enabled and source and source.mtp_tensors:
             # MTP off in this run: carry the source's MTP tensors through unchanged, keep its count.
-            config_arch = replace(arch, mtp_num_layers=int(source.config.get("num_nextn_predict_layers") or 0))
+            config_arch = replace(arch, mtp_num_layers=pl_module.family.architecture(source.config).mtp_num_layers)
             reader = SafetensorsCheckpoint(source.path)
             carried = [PieceSpec(n, tuple(reader.shape(n)), reader.dtype(n), full_region(tuple(reader.shape(n))))
                        for n in source.mtp_tensors]

@@ -48,9 +48,13 @@ def companion_files(directory: str) -> list[tuple[str, str]]:
 
 
 def mtp_tensor_names(names, num_hidden_layers: int) -> list[str]:
-    """HF tensors of MTP layers: `model.layers.{num_hidden_layers + i}.*` (GLM-4.5 / DeepSeek style)."""
+    """HF tensors of MTP layers: `model.layers.{num_hidden_layers + i}.*` (GLM-4.5 / DeepSeek style) or `mtp.*`
+    (Qwen3.5)."""
     out = []
     for name in names:
+        if name.startswith("mtp."):
+            out.append(name)
+            continue
         parts = name.split(".")
         if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
             if int(parts[2]) >= num_hidden_layers:
