@@ -6,10 +6,10 @@ from types import ModuleType
 from typing import Any
 
 from bridges.hf_config import HFConfigError
-from bridges.models import glm45, glm45v, gpt_oss, qwen3_5_moe, qwen3_moe, qwen3_vl_moe
+from bridges.models import glm45, glm45v, gpt_oss, qwen3_5_moe, qwen3_5_moe_text, qwen3_moe, qwen3_vl_moe
 
 FAMILIES: dict[str, ModuleType] = {
-    family.MODEL_TYPE: family for family in (glm45, gpt_oss, qwen3_moe, qwen3_vl_moe, glm45v, qwen3_5_moe)
+    family.MODEL_TYPE: family for family in (glm45, gpt_oss, qwen3_moe, qwen3_vl_moe, glm45v, qwen3_5_moe, qwen3_5_moe_text)
 }
 
 

@@ -41,10 +41,26 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
     """Megatron architecture (hybrid language model, mrope, vision tower spec) of an HF `qwen3_5_moe` config."""
     if config.get("model_type") != MODEL_TYPE:
         raise hfc.HFConfigError(f"expected model_type {MODEL_TYPE!r}, got {config.get('model_type')!r}")
-    refuse = lambda why: hfc.HFConfigError(f"qwen3_5_moe: {why}")  # noqa: E731
     text = dict(hfc.require(config, "text_config"), model_type=MODEL_TYPE)
-    req = lambda key: hfc.require(text, key)  # noqa: E731
     vision = {k: v for k, v in hfc.require(config, "vision_config").items() if k != "model_type"}
+    deepstack = vision.get("deepstack_visual_indexes") or []
+    if deepstack:
+        raise hfc.HFConfigError(f"qwen3_5_moe: deepstack_visual_indexes={deepstack} is not supported "
+                                "(transformers' Qwen3.5 has none)")
+    tower = VisionTower(
+        "Qwen3_5MoeVisionModel", "Qwen3_5MoeVisionConfig", vision,
+        image_token_id=int(hfc.require(config, "image_token_id")),
+        spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
+    )
+    tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    return text_architecture(text, tied, mrope=True, extra=vlm_config.extra(tower, config))
+
+
+def text_architecture(text: dict[str, Any], tied: bool, mrope: bool, extra: dict | None = None) -> GPTArchitecture:
+    """Megatron architecture of a Qwen3.5-MoE text config (`text_config`, or a `qwen3_5_moe_text` config alone);
+    `mrope`: multimodal rotary positions (with a vision tower); text-only positions make it plain rotary."""
+    refuse = lambda why: hfc.HFConfigError(f"qwen3_5_moe: {why}")  # noqa: E731
+    req = lambda key: hfc.require(text, key)  # noqa: E731
     moe_ffn = int(req("moe_intermediate_size"))
     # every layer is MoE: Megatron's dense ffn size is unused
     transformer = hfc.decoder_transformer({"intermediate_size": moe_ffn, **text}, rms_norm_eps=1e-6)
@@ -72,9 +88,6 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
         raise refuse("mtp_use_dedicated_embeddings=true is not supported (Megatron's MTP shares the embedding)")
     if mtp and types[-1] != FULL:
         raise refuse("MTP needs the last layer to be full attention (Megatron builds the MTP layer like it)")
-    deepstack = vision.get("deepstack_visual_indexes") or []
-    if deepstack:
-        raise refuse(f"deepstack_visual_indexes={deepstack} is not supported (transformers' Qwen3.5 has none)")
     aux = float(text.get("router_aux_loss_coef") or 0.0)
     transformer.update(
         add_qkv_bias=False,
@@ -99,21 +112,16 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
         moe_router_load_balancing_type="aux_loss" if aux else "none",
         moe_aux_loss_coeff=aux,
     )
-    tower = VisionTower(
-        "Qwen3_5MoeVisionModel", "Qwen3_5MoeVisionConfig", vision,
-        image_token_id=int(hfc.require(config, "image_token_id")),
-        spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-    )
     return GPTArchitecture(
         transformer=transformer,
         vocab_size=int(req("vocab_size")),
         max_position_embeddings=int(text.get("max_position_embeddings", 262144)),
         rotary_percent=float(rope["partial_rotary_factor"]),
         rotary_base=float(rope["rope_theta"]),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        tie_word_embeddings=tied,
         mtp_num_layers=mtp,
-        mrope=MRoPE(tuple(rope.get("mrope_section") or DEFAULT_MROPE_SECTION), interleaved=True),
-        extra=vlm_config.extra(tower, config),
+        mrope=MRoPE(tuple(rope.get("mrope_section") or DEFAULT_MROPE_SECTION), interleaved=True) if mrope else None,
+        extra=dict(extra or {}, mrope_section=list(rope.get("mrope_section") or DEFAULT_MROPE_SECTION)),
     )
 
 
@@ -121,9 +129,15 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
     """HF `qwen3_5_moe` config (transformers 5 style) for a Megatron architecture; `mtp_num_hidden_layers` is the
     MTP layer count of `arch`. Token ids and other fields Megatron does not model come from `source` (the import
     source's config) or else the config `arch` was made from."""
-    t = arch.transformer
     source = source or {}
-    source_text = source.get("text_config") or {}
+    text = text_hf_config(arch, source.get("text_config") or {})
+    return vlm_config.compose(arch, source, text, "Qwen3_5MoeForConditionalGeneration", MODEL_TYPE,
+                              "qwen3_5_moe_vision", dtype)
+
+
+def text_hf_config(arch: GPTArchitecture, source_text: dict[str, Any]) -> dict[str, Any]:
+    """The `qwen3_5_moe_text` config of the language model; fields Megatron does not model from `source_text`."""
+    t = arch.transformer
     text = {k: v for k, v in source_text.items() if k not in _TEXT_LEGACY_KEYS}
     text.update(hfc.decoder_fields(arch))
     if "intermediate_size" not in source_text:
@@ -144,14 +158,13 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
         num_experts_per_tok=t["moe_router_topk"],
         router_aux_loss_coef=t["moe_aux_loss_coeff"],
         rope_parameters={"rope_type": "default", "rope_theta": arch.rotary_base,
-                         "partial_rotary_factor": arch.rotary_percent, "mrope_section": list(arch.mrope.section),
+                         "partial_rotary_factor": arch.rotary_percent, "mrope_section": arch.extra["mrope_section"],
                          "mrope_interleaved": True},
         mtp_num_hidden_layers=arch.mtp_num_layers,
         mtp_use_dedicated_embeddings=False,
     )
     text.pop("full_attention_interval", None)  # layer_types says it
-    return vlm_config.compose(arch, source, text, "Qwen3_5MoeForConditionalGeneration", MODEL_TYPE,
-                              "qwen3_5_moe_vision", dtype)
+    return text
 
 
 # transformers 4 spellings replaced on export; `num_local_experts` by `num_experts`.
@@ -169,23 +182,23 @@ def expert_layout_of(source, arch: GPTArchitecture, config: dict | None = None) 
 # ---- weights: HF tensors <-> Megatron parameters -------------------------------------------------
 
 
-def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
-    """The complete rule table (language model under `model.language_model.`, MTP under `mtp.`, vision tower)."""
+def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT, prefix: str = TEXT) -> RuleSet:
+    """The complete rule table (language model under `prefix`, MTP under `mtp.`, the vision tower if any)."""
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"qwen3_5_moe: expert layout {expert_layout!r} is not one of {EXPERT_LAYOUTS}")
     t = arch.transformer
     hidden, vocab = t["hidden_size"], (arch.vocab_size, t["hidden_size"])
     table = [
-        same(EMBEDDING, TEXT + "embed_tokens.weight", vocab, vocab_parallel(arch.vocab_size)),
-        same("decoder.final_layernorm.weight", TEXT + "norm.weight", (hidden,)),
+        same(EMBEDDING, prefix + "embed_tokens.weight", vocab, vocab_parallel(arch.vocab_size)),
+        same("decoder.final_layernorm.weight", prefix + "norm.weight", (hidden,)),
     ]
     ignored = []
     if arch.tie_word_embeddings:
-        ignored.append(Ignore(r"lm_head\.weight", f"tied to {TEXT}embed_tokens.weight"))
+        ignored.append(Ignore(r"lm_head\.weight", f"tied to {prefix}embed_tokens.weight"))
     else:
         table.append(same(OUTPUT, "lm_head.weight", vocab, vocab_parallel(arch.vocab_size)))
     for layer, linear in enumerate(t["linear_attention_freq"]):
-        table += _layer(t, f"decoder.layers.{layer}.", f"{TEXT}layers.{layer}.", bool(linear), expert_layout)
+        table += _layer(t, f"decoder.layers.{layer}.", f"{prefix}layers.{layer}.", bool(linear), expert_layout)
     for i in range(arch.mtp_num_layers):
         m = f"mtp.layers.{i}."
         table += [
@@ -197,7 +210,8 @@ def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
         ]
     if not arch.mtp_num_layers:
         ignored.append(Ignore(r"mtp\..*", "MTP disabled"))
-    table += arch.extra["vision"].rules(VISUAL)
+    if "vision" in arch.extra:
+        table += arch.extra["vision"].rules(VISUAL)
     return RuleSet(table, ignored_hf=ignored)
 
 

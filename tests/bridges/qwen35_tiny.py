@@ -66,6 +66,23 @@ def make_checkpoint(directory: str, expert_layout: str = "per_expert", mtp: int 
     return json.load(open(os.path.join(directory, "config.json")))
 
 
+def make_text_checkpoint(directory: str, mtp: int = 1, seed: int = 0) -> dict:
+    """A random `qwen3_5_moe_text` checkpoint (transformers' Qwen3_5MoeForCausalLM) with `mtp` MTP layers."""
+    import transformers
+
+    config = hf_config(mtp)
+    model = transformers.Qwen3_5MoeForCausalLM(config.text_config)
+    _randomise(model, seed)
+    model.save_pretrained(directory)
+    path = os.path.join(directory, "model.safetensors")
+    tensors = load_file(path)
+    if mtp:
+        tensors.update(_mtp_tensors(config, seed + 1))
+    os.remove(path)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return json.load(open(os.path.join(directory, "config.json")))
+
+
 def _mtp_tensors(config, seed: int) -> dict[str, torch.Tensor]:
     """Random `mtp.*` tensors: the norms, fc, and a full-attention MoE layer (taken from a random text model)."""
     import transformers

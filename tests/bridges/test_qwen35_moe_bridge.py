@@ -2,7 +2,8 @@
 expert, MTP, vision tower): import -> export reproduces every HF tensor bit for bit (`mtp.*` included with MTP on,
 left out with MTP off), and the Megatron model's logits match transformers, text-only and with images, under EP1,
 EP2, TP2, PP2 (one launch of two processes) and TP2 x EP2 (four); the EP2 exports load in transformers with no
-missing or unexpected keys and say how many MTP layers they hold."""
+missing or unexpected keys and say how many MTP layers they hold. The text-only config (`qwen3_5_moe_text`,
+Qwen3_5MoeForCausalLM) passes `bridges.verify` under TP2."""
 
 from __future__ import annotations
 
@@ -83,6 +84,16 @@ def round_trips(directories, layouts, export_root=None):
     return results
 
 
+def world2(directories, layouts, export_root, text_directory):
+    """The round trips, and `bridges.verify` of the text-only checkpoint under TP2."""
+    from bridges.megatron.layout import ParallelLayout
+    from bridges.verify import verify
+
+    trips = round_trips(directories, layouts, export_root)
+    report = verify(text_directory, ParallelLayout(tp=2), sequences=2, seq_length=16)
+    return trips, (report.ok, report.differ, report.not_covered, report.max_abs_diff, report.exported)
+
+
 # ---- checks -----------------------------------------------------------------------------------
 
 
@@ -130,8 +141,13 @@ def test_ep1_ep2_tp2_pp2_and_exports_load_in_transformers(checkpoints, tmp_path)
     from bridges.models import family_for
 
     layouts = [ParallelLayout(), ParallelLayout(ep=2), ParallelLayout(tp=2), ParallelLayout(pp=2)]
-    results = run_distributed(2, round_trips, _directories(checkpoints), layouts, str(tmp_path))
-    _assert_round_trips(results, checkpoints, len(layouts))
+    text_directory = str(tmp_path / "text_only")
+    qwen35_tiny.make_text_checkpoint(text_directory)
+    results = run_distributed(2, world2, _directories(checkpoints), layouts, str(tmp_path), text_directory)
+    _assert_round_trips([trips for trips, _ in results], checkpoints, len(layouts))
+    ok, differ, not_covered, text_diff, exported = results[0][1]  # the verify report is complete on rank 0
+    assert ok and not differ and not not_covered and exported > 0, (differ, not_covered)
+    assert text_diff <= 1e-4, f"text-only model (qwen3_5_moe_text) logits differ by {text_diff}"
     x = qwen35_tiny.inputs()
     for (layout, mtp), (directory, _, image_reference) in checkpoints.items():
         exported = str(tmp_path / layout)
