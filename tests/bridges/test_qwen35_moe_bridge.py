@@ -1,7 +1,7 @@
 """Qwen3.5-MoE bridge end to end on tiny random checkpoints (Gated DeltaNet and gated-attention layers, gated shared
 expert, MTP, vision tower): import -> export reproduces every HF tensor bit for bit (`mtp.*` included with MTP on,
 left out with MTP off), and the Megatron model's logits match transformers, text-only and with images, under EP1,
-EP2, TP2, PP2 (one launch of two processes) and TP2 x EP2 (four); the EP2 exports load in transformers with no
+EP2, TP2, PP2 (one launch of two processes), TP2 x EP2 and TP2 x EP2 x expert-TP1 (four); the EP2 exports load in transformers with no
 missing or unexpected keys and say how many MTP layers they hold. The text-only config (`qwen3_5_moe_text`,
 Qwen3_5MoeForCausalLM) passes `bridges.verify` under TP2."""
 
@@ -166,8 +166,15 @@ def test_ep1_ep2_tp2_pp2_and_exports_load_in_transformers(checkpoints, tmp_path)
         assert any(n.startswith("mtp.") for n in index) == mtp
 
 
-def test_tp2_x_ep2(checkpoints):
+def world4(directories):
+    """TP2 x EP2 (expert-TP 2) on the per-expert checkpoint with MTP, expert-TP 1 on the fused one without."""
     from bridges.megatron.layout import ParallelLayout
 
-    results = run_distributed(4, round_trips, _directories(checkpoints), [ParallelLayout(tp=2, ep=2)])
+    (per_expert, mtp), (fused, no_mtp) = CASES
+    return (round_trips({(per_expert, mtp): directories[(per_expert, mtp)]}, [ParallelLayout(tp=2, ep=2)])
+            + round_trips({(fused, no_mtp): directories[(fused, no_mtp)]}, [ParallelLayout(tp=2, ep=2, etp=1)]))
+
+
+def test_tp2_x_ep2_and_expert_tp1(checkpoints):
+    results = run_distributed(4, world4, _directories(checkpoints))
     _assert_round_trips(results, checkpoints, 1)
