@@ -62,7 +62,8 @@ def build_run(cfg: DictConfig):
               f"so mtp.enabled=true builds no MTP block and trains without the MTP loss", flush=True)
     layout = ParallelLayout(**OmegaConf.to_container(cfg.parallel))
     world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
-    layout.check(world_size, module.arch.num_experts or 0, module.arch.num_layers, module.arch.expert_biases)
+    layout.check(world_size, module.arch.num_experts or 0, module.arch.num_layers, module.arch.expert_biases,
+                 module.arch.tensor_parallel_heads)
 
     data = instantiate(cfg.data)
     if data.path:

@@ -69,7 +69,7 @@ class MegatronGPTModule(pl.LightningModule):
         if self.model is not None:
             return
         self.layout.check(dist.get_world_size(), self.arch.num_experts or 0, self.arch.num_layers,
-                          self.arch.expert_biases)
+                          self.arch.expert_biases, self.arch.tensor_parallel_heads)
         self.model = self.build_model()
 
     def build_model(self):

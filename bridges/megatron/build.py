@@ -80,6 +80,16 @@ class GPTArchitecture:
         """Experts carry biases (Megatron's one switch, add_bias_linear, covers them)."""
         return bool(self.num_experts and self.transformer.get("add_bias_linear"))
 
+    @property
+    def tensor_parallel_heads(self) -> dict[str, int]:
+        """Head counts that tensor parallelism must divide beyond Megatron's usual ones: gated attention's KV groups
+        (its projection is split by whole groups) and Gated DeltaNet's key and value heads."""
+        t = self.transformer
+        names = (("num_query_groups",) if t.get("attention_output_gate") else ()) + (
+            ("linear_num_key_heads", "linear_num_value_heads")
+            if t.get("experimental_attention_variant") == "gated_delta_net" else ())
+        return {name: int(t[name]) for name in names}
+
     def without_mtp(self) -> "GPTArchitecture":
         return replace(self, mtp_num_layers=0)
 

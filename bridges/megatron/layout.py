@@ -27,7 +27,7 @@ class ParallelLayout:
         return world_size // (self.tp * self.pp)
 
     def check(self, world_size: int, num_experts: int | None = None, num_layers: int | None = None,
-              expert_biases: bool = False) -> None:
+              expert_biases: bool = False, heads: dict[str, int] | None = None) -> None:
         for name, value in (("tp", self.tp), ("pp", self.pp), ("ep", self.ep), ("etp", self.expert_tp)):
             if value < 1:
                 raise LayoutError(f"parallel.{name} must be >= 1, got {value}")
@@ -42,6 +42,9 @@ class ParallelLayout:
                 f"this model's experts have biases, which Megatron-Core supports only with expert tensor "
                 f"parallel 1: set parallel.etp=1 (got {self.expert_tp})"
             )
+        for name, count in (heads or {}).items():  # e.g. GPTArchitecture.tensor_parallel_heads
+            if count % self.tp:
+                raise LayoutError(f"parallel.tp={self.tp} does not divide {name}={count}")
         if num_layers is not None and num_layers % self.pp:
             raise LayoutError(f"parallel.pp={self.pp} does not divide the layer count {num_layers}")
         if world_size % (self.tp * self.pp):

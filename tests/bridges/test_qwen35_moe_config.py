@@ -58,6 +58,18 @@ def test_refusals_name_the_field(change, message):
         qwen3_5_moe.architecture(config)
 
 
+def test_tensor_parallel_must_split_whole_heads():
+    """Gated attention is split by whole KV groups and Gated DeltaNet by whole key / value heads: a TP size that does
+    not divide them stops the run before launch, with the count named (the tiny model: 2 KV groups, 2 key heads)."""
+    from bridges.megatron.layout import LayoutError, ParallelLayout
+
+    arch = qwen3_5_moe.architecture(_config())
+    assert arch.tensor_parallel_heads == {"num_query_groups": 2, "linear_num_key_heads": 2, "linear_num_value_heads": 4}
+    ParallelLayout(tp=2).check(2, arch.num_experts, arch.num_layers, heads=arch.tensor_parallel_heads)
+    with pytest.raises(LayoutError, match="parallel.tp=4 does not divide num_query_groups=2"):
+        ParallelLayout(tp=4).check(4, arch.num_experts, arch.num_layers, heads=arch.tensor_parallel_heads)
+
+
 def test_deepstack_is_refused():
     config = _config()
     config["vision_config"]["deepstack_visual_indexes"] = [1]
