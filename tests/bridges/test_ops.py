@@ -33,6 +33,12 @@ CASES = [
     (ops.GateUpHalves(dim=1), [rand(5, 2 * 9)]),
     (ops.GateUpInterleave(), [rand(2 * 9, 5)]),
     (ops.GateUpInterleave(dim=-1), [rand(3, 5, 2 * 9)]),
+    (ops.Concat((4, 4, 6, 6, 2, 2)), [rand(n, 5) for n in (4, 4, 6, 6, 2, 2)]),  # a Gated DeltaNet in-projection
+    (ops.Concat((4, 4, 6)), [rand(n, 1, 3) for n in (2, 2, 3)]),  # half of each part: a TP2 shard
+    # 2 KV groups of 2 heads: (q, gate) per head, then k and v per group, heads of 3 rows
+    (ops.GatedQKVInterleave(heads_per_group=2, head_dim=3), [rand(3, 7) for _ in range(2 * 4 + 2 + 2)]),
+    (ops.Sections((4, 4, 6)), [rand(14, 5)]),
+    (ops.Blocks(3), [rand(12, 5)]),
 ]
 
 
@@ -50,6 +56,14 @@ def test_qkv_groups_queries_with_their_kv_head():
     (qkv,) = ops.QKVInterleave(per_group, head_dim).forward([q, k, v])
     first_group = qkv[: (per_group + 2) * head_dim, 0].tolist()
     assert first_group == [0, 1, 2, 3, 100, 101, 200, 201]
+
+
+def test_gated_qkv_puts_a_groups_queries_then_their_gates_then_k_and_v():
+    head = lambda value: torch.full((1, 1), float(value))  # noqa: E731  one-row heads
+    q_and_gates = [head(v) for i in range(4) for v in (10 + i, 20 + i)]  # q_0, g_0, q_1, g_1, ...
+    (qkv,) = ops.GatedQKVInterleave(heads_per_group=2, head_dim=1).forward(
+        q_and_gates + [head(30), head(31), head(40), head(41)])
+    assert qkv[:, 0].tolist() == [10, 11, 20, 21, 30, 40, 12, 13, 22, 23, 31, 41]
 
 
 def test_gate_up_interleave_even_is_gate():
@@ -73,6 +87,8 @@ VIEW_CASES = [
     ([ops.GateUpInterleave()], rand(2 * 7, 5), None),
     ([ops.ExpertSlice(), ops.Transpose(), ops.GateUpInterleave()], rand(6, 5, 2 * 7), 5),
     ([ops.ExpertSlice(), ops.GateUpHalves()], rand(6, 2 * 7, 5), 0),
+    ([ops.Sections((4, 4, 6))], rand(14, 1, 3), None),
+    ([ops.Blocks(3)], rand(12, 5), None),
 ]
 
 
