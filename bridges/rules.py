@@ -53,13 +53,16 @@ class Rule:
 
     def _local(self, rank: int, size: int):
         parts = self.parts()
-        counts = [sum(1 for i, _ in parts if i == tensor) for tensor in range(len(self.hf))]
-        index = [0] * len(self.hf)
+        if self.shard.whole_parts:  # this rank's block of each HF tensor's parts (heads)
+            counts = [sum(1 for i, _ in parts if i == tensor) for tensor in range(len(self.hf))]
+            index = [0] * len(self.hf)
+            held = []
+            for i, view in parts:
+                if self.shard.holds(index[i], counts[i], rank, size):
+                    held.append((i, view))
+                index[i] += 1
+            parts = held
         for i, view in parts:
-            held = self.shard.holds(index[i], counts[i], rank, size)
-            index[i] += 1
-            if not held:
-                continue
             part_region, pad = self.shard.region(view.shape, rank, size)
             yield i, view, view.region(part_region), pad
 
