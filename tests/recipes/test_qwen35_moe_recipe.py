@@ -1,7 +1,8 @@
 """`python train.py recipe=qwen35_moe` as a user runs it: the tiny Qwen3.5-MoE (Gated DeltaNet and gated-attention
 layers, MTP on, vision tower) trains on image + text samples under EP=2 with falling loss; its HF exports carry the
 MTP tensors and load in transformers with no missing or unexpected keys; an export re-imports into a run with MTP
-off, whose export carries the MTP tensors through unchanged (`hf_export.mtp_passthrough`)."""
+off, whose export carries the MTP tensors through unchanged (`hf_export.mtp_passthrough`), and `qwen35_moe_eval`
+validates it."""
 
 import json
 import os
@@ -44,3 +45,8 @@ def test_recipe_trains_with_mtp_and_its_exports_reimport(tmp_path):
     assert mtp and sorted(n for n in after if n.startswith("mtp.")) == mtp
     assert all(torch.equal(before[n], after[n]) for n in mtp)
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # trained on without MTP
+    # the eval recipe validates an export, MTP off
+    done = train(tmp_path / "eval", "recipe=qwen35_moe_eval", f"hf_import.path={step_4}", "trainer.limit_val_batches=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.load(open(tmp_path / "eval" / "run" / "metrics.json"))
+    assert "val/lm_loss" in metrics and "train/mtp_loss" not in metrics
