@@ -77,6 +77,20 @@ def test_deepstack_is_refused():
         qwen3_5_moe.architecture(config)
 
 
+@pytest.mark.parametrize("experts, expected", [
+    ({"0.gate_proj.weight": (16, 48), "0.up_proj.weight": (16, 48), "0.down_proj.weight": (48, 16)}, "per_expert"),
+    ({"gate_up_proj": (4, 32, 48), "down_proj": (4, 48, 16)}, "fused"),  # [E, out, in]
+    ({"gate_up_proj": (4, 48, 32), "down_proj": (4, 16, 48)}, "fused_in_out"),  # [E, in, out]
+])
+def test_expert_layout_from_names_and_shapes(experts, expected):
+    from bridges.sources import DictSource
+
+    arch = qwen3_5_moe.architecture(_config())  # hidden 48, expert ffn 16
+    names = [f"{prefix}.mlp.experts.{k}" for prefix in ("model.language_model.layers.0", "mtp.layers.0") for k in experts]
+    source = DictSource({n: torch.zeros(experts[n.split(".mlp.experts.")[1]]) for n in names})
+    assert qwen3_5_moe.expert_layout_of(source, arch) == (expected, [])
+
+
 # ---- released sizes --------------------------------------------------------------------------------
 
 _VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, spatial_merge_size=2,
