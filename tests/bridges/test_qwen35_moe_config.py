@@ -1,5 +1,5 @@
 """Qwen3.5-MoE without processes: config translation both ways and its refusals, the released sizes (35B-A3B,
-122B-A10B, 397B-A17B) accepted with a metadata-only export plan at a realistic layout, the gated-attention and
+122B-A10B, 397B-A17B) accepted, the 397B one with a metadata-only export plan at TP2 x PP4 x EP32, the gated-attention and
 Gated DeltaNet rules split by heads for tensor parallelism, and the CPU Gated DeltaNet kernel against
 transformers' reference."""
 
@@ -141,7 +141,7 @@ def test_released_configs_translate(size):
 
 
 def test_397b_export_plan_at_tp2_pp4_ep32():
-    """Every byte of every HF tensor has exactly one writer among 256 ranks, from metadata alone."""
+    """Every byte of every HF tensor has exactly one writer among 128 ranks (expert-TP 1), from metadata alone."""
     from bridges.export import hf_tensor_specs
     from bridges.export_coverage import check_coverage
     from bridges.megatron.layout import ParallelLayout
@@ -149,7 +149,7 @@ def test_397b_export_plan_at_tp2_pp4_ep32():
 
     config = copy.deepcopy(RELEASED["397B-A17B"][0])
     arch = qwen3_5_moe.architecture(config)
-    planner = LayoutPlanner(qwen3_5_moe, arch, ParallelLayout(tp=2, pp=4, ep=32), 256)
+    planner = LayoutPlanner(qwen3_5_moe, arch, ParallelLayout(tp=2, pp=4, ep=32, etp=1), 128)
     check_coverage(hf_tensor_specs(qwen3_5_moe, arch, torch.bfloat16), planner.all_export_specs(torch.bfloat16))
 
 
