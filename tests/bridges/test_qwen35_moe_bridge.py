@@ -1,9 +1,9 @@
 """Qwen3.5-MoE bridge end to end on tiny random checkpoints (Gated DeltaNet and gated-attention layers, gated shared
 expert, MTP, vision tower): import -> export reproduces every HF tensor bit for bit (`mtp.*` included with MTP on,
 left out with MTP off), and the Megatron model's logits match transformers, text-only and with images, under EP1,
-EP2, TP2, PP2 (one launch of two processes), TP2 x EP2 and TP2 x EP2 x expert-TP1 (four); the EP2 exports load in transformers with no
-missing or unexpected keys and say how many MTP layers they hold. The text-only config (`qwen3_5_moe_text`,
-Qwen3_5MoeForCausalLM) passes `bridges.verify` under TP2."""
+EP2, TP2, PP2 (one launch of two processes), TP2 x EP2 and TP2 x EP2 x expert-TP1 (four); the EP2 exports load in
+transformers with no missing or unexpected keys and say how many MTP layers they hold. The text-only config
+(`qwen3_5_moe_text`, Qwen3_5MoeForCausalLM) passes `bridges.verify` under TP2."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Qwen3.5-MoE without processes: config translation both ways and its refusals, the released sizes (35B-A3B,
-122B-A10B, 397B-A17B) accepted, the 397B one with a metadata-only export plan at TP2 x PP4 x EP32, the gated-attention and
-Gated DeltaNet rules split by heads for tensor parallelism, and the CPU Gated DeltaNet kernel against
-transformers' reference."""
+122B-A10B, 397B-A17B) accepted, the 397B one with a metadata-only export plan at TP2 x PP4 x EP32, the
+gated-attention and Gated DeltaNet rules split by heads for tensor parallelism, expert layouts from names and
+shapes, and the CPU Gated DeltaNet kernel against transformers' reference."""
 
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def test_expert_layout_from_names_and_shapes(experts, expected):
     from bridges.sources import DictSource
 
     arch = qwen3_5_moe.architecture(_config())  # hidden 48, expert ffn 16
-    names = [f"{prefix}.mlp.experts.{k}" for prefix in ("model.language_model.layers.0", "mtp.layers.0") for k in experts]
+    prefixes = ("model.language_model.layers.0", "mtp.layers.0")
+    names = [f"{prefix}.mlp.experts.{k}" for prefix in prefixes for k in experts]
     source = DictSource({n: torch.zeros(experts[n.split(".mlp.experts.")[1]]) for n in names})
     assert qwen3_5_moe.expert_layout_of(source, arch) == (expected, [])
 

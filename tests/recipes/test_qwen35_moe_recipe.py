@@ -34,9 +34,10 @@ def test_recipe_trains_with_mtp_and_its_exports_reimport(tmp_path):
         str(step_4), dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     # re-import the export with MTP off: the next export carries its MTP tensors through unchanged
-    done = train(tmp_path / "again", "recipe=qwen35_moe", f"hf_import.path={step_4}", "hf_import.restore_progress=false",
-                 "mtp.enabled=false", "hf_export.mtp_passthrough=true", "trainer.max_steps=1",
-                 "hf_export.every_n_train_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1")
+    done = train(tmp_path / "again", "recipe=qwen35_moe", f"hf_import.path={step_4}",
+                 "hf_import.restore_progress=false", "mtp.enabled=false", "hf_export.mtp_passthrough=true",
+                 "trainer.max_steps=1", "hf_export.every_n_train_steps=1", "trainer.val_check_interval=1",
+                 "trainer.limit_val_batches=1")
     assert done.returncode == 0, done.stderr[-3000:]
     again = tmp_path / "again" / "run" / "hf" / "step_1"
     assert json.load(open(again / "config.json"))["text_config"]["mtp_num_hidden_layers"] == 1
