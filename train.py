@@ -16,8 +16,6 @@ PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 # `${if_null:a,b}`: a unless it is null, else b (recipes default model.hf_config to the import source).
 OmegaConf.register_new_resolver("if_null", lambda value, default: default if value is None else value, replace=True)
 
-_PRECISIONS = {"fp32": ("fp32", "32-true"), "32": ("fp32", "32-true"), "bf16": ("bf16", "bf16-true")}
-
 
 def resolve_path(path: str) -> str:
     """Paths in recipes are relative to the working directory, else to the project."""
@@ -28,10 +26,11 @@ def resolve_path(path: str) -> str:
 
 def validate_config(cfg: DictConfig) -> None:
     """Every key's type, range and choice, before anything is built (raises recipes.config_check.ConfigError)."""
+    from bridges.dtypes import PRECISIONS
     from callbacks.hf_export import EXPORT_DTYPES
     from recipes.config_check import check_config
 
-    check_config(cfg, precisions=_PRECISIONS, export_dtypes=EXPORT_DTYPES)
+    check_config(cfg, precisions=PRECISIONS, export_dtypes=EXPORT_DTYPES)
 
 
 def build_run(cfg: DictConfig):
@@ -42,17 +41,19 @@ def build_run(cfg: DictConfig):
     from recipes.strategy import MegatronStrategy
     from recipes.vlm_module import module_class_for
 
-    precision = str(cfg.trainer.precision)
-    if precision not in _PRECISIONS:
-        raise ValueError(f"trainer.precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
-    params_dtype, lightning_precision = _PRECISIONS[precision]
+    from bridges import dtypes
+
+    precision = cfg.trainer.precision
+    if precision is None:
+        precision = dtypes.default_precision(_device_type(cfg.trainer.accelerator))
+    dtypes.params_dtype(precision)  # raises on an unknown name
 
     hf_config_path = resolve_path(cfg.model.hf_config)
     module = module_class_for(hf_config_path)(  # vision-language families get their module
         hf_config_path=hf_config_path,
         mtp_enabled=bool(cfg.mtp.enabled),
         mtp_loss_factor=float(cfg.mtp.loss_factor),
-        params_dtype=params_dtype,
+        params_dtype=str(precision),
         micro_batch_size=int(cfg.data.micro_batch_size),
         optim=OmegaConf.to_container(cfg.optim),
     )
@@ -82,7 +83,8 @@ def build_run(cfg: DictConfig):
     callbacks = [instantiate(node) for node in nodes if node]
     trainer = instantiate(
         cfg.trainer,
-        precision=lightning_precision,
+        # Megatron owns the dtypes (bf16 parameters, fp32 buffers and masters): Lightning casts nothing.
+        precision="32-true",
         strategy=strategy,
         callbacks=callbacks,
         logger=_logger(),
@@ -108,13 +110,26 @@ def _check_epoch_length(cfg: DictConfig, rows: int, global_batch_size: int) -> N
                               f"of {source} has only {steps} steps")
 
 
+def _device_type(accelerator) -> str:
+    """The device the run will use ("cpu" or "cuda"), as Lightning will pick it for `trainer.accelerator`."""
+    from bridges.megatron import cpu_runtime
+
+    name = str(accelerator)
+    if name == "cpu":
+        return "cpu"
+    if name in ("gpu", "cuda"):
+        return "cuda"
+    return cpu_runtime.default_device()
+
+
 def _run_errors() -> tuple[type[BaseException], ...]:
     """Failures a user can act on (a bad checkpoint, a failed export): one message, no traceback."""
     from bridges.errors import user_errors
     from callbacks.hf_export import HFExportError
     from callbacks.hf_import import HFImportError
+    from recipes.checkpoint import CheckpointRefused
 
-    return (*user_errors(), HFExportError, HFImportError)
+    return (*user_errors(), HFExportError, HFImportError, CheckpointRefused)
 
 
 def _run_dir() -> str:

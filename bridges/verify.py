@@ -18,7 +18,7 @@ from bridges import hf_config as hfc
 from bridges import mxfp4
 from bridges.export import export_specs, export_pieces
 from bridges.load import import_weights
-from bridges.megatron import build, parallel
+from bridges.megatron import build, cpu_runtime, parallel
 from bridges.megatron.forward import main_logits
 from bridges.megatron.layout import ParallelLayout
 from bridges.errors import debug, user_errors
@@ -60,14 +60,16 @@ class VerifyReport:
 
 
 def verify(
-    hf_dir: str, layout: ParallelLayout, sequences: int = 3, seq_length: int = 16, seed: int = 0
+    hf_dir: str, layout: ParallelLayout, sequences: int = 3, seq_length: int = 16, seed: int = 0,
+    device: str | None = None,
 ) -> VerifyReport:
-    """Every rank calls this after torch.distributed is initialised; the report is complete on rank 0."""
+    """Every rank calls this after torch.distributed is initialised; the report is complete on rank 0.
+    `device`: "cpu" or "cuda" (None: the one the process group was made for)."""
     config = hfc.load_config(hf_dir)
     family = family_for(config)
     arch = family.architecture(config)
     dtype = hfc.dtype(config)
-    parallel.initialize(layout)
+    parallel.initialize(layout, device=device)
     if isinstance(arch.extra.get("vision"), VisionTower):  # text-only logits; the tower's weights round trip
         from bridges.megatron.vlm import build_vlm_model
 
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequences", type=int, default=3)
     parser.add_argument("--seq-length", type=int, default=16)
     parser.add_argument("--atol", type=float, default=1e-4, help="largest logit difference that passes")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=cpu_runtime.default_device(),
+                        help="where Megatron runs (default: cuda when there is one)")
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -167,10 +171,10 @@ def _run(args) -> int:
         os.environ.setdefault("MASTER_PORT", "29511")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
     try:
-        report = verify(args.hf_dir, layout, args.sequences, args.seq_length)
+        report = verify(args.hf_dir, layout, args.sequences, args.seq_length, device=args.device)
     finally:
         parallel.destroy()
     ok = report.ok and report.max_abs_diff <= args.atol if dist.get_rank() == 0 else True

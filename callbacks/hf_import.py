@@ -61,6 +61,8 @@ class HFImportCallback(pl.Callback):
             error = e
         _agree_on_opening(self.path, error)
         report = import_weights([pl_module.model], pl_module.family, pl_module.arch, source, config=config)
+        if hasattr(pl_module, "reload_optimizer_weights"):
+            pl_module.reload_optimizer_weights()  # the fp32 masters start from the imported weights
         dtype = hf_config.dtype(config, default=_usual_dtype(source))
         pl_module.hf_source = ImportedSource(
             path=os.path.abspath(self.path),

@@ -43,7 +43,7 @@ def check_config(cfg: DictConfig, precisions: Iterable[str], export_dtypes: Iter
         c.integer("trainer.devices", minimum=1)
     c.integer("trainer.num_nodes", minimum=1)
     c.choice("trainer.accelerator", ACCELERATORS)
-    c.choice("trainer.precision", [str(p) for p in precisions], convert=str)
+    c.choice("trainer.precision", [str(p) for p in precisions], none=True, convert=str)  # null: by device
     c.integer("trainer.max_steps", minimum=1)
     interval = c.get("trainer.val_check_interval")
     if isinstance(interval, float):

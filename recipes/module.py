@@ -14,12 +14,10 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
-from bridges import hf_config
+from bridges import dtypes, hf_config
 from bridges.megatron import build
 from bridges.models import family_for
-from recipes.optim import MainGradAdamW, MegatronOptimizerAdapter, OptimConfig, lr_at
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from recipes.optim import MegatronOptimizer, OptimConfig
 
 
 class MegatronGPTModule(pl.LightningModule):
@@ -29,7 +27,7 @@ class MegatronGPTModule(pl.LightningModule):
         hf_config_path: str,
         mtp_enabled: bool = True,
         mtp_loss_factor: float = 0.1,
-        params_dtype: str = "fp32",
+        params_dtype: str = "fp32",  # a trainer.precision name (bridges.dtypes)
         micro_batch_size: int = 2,
         optim: dict[str, Any] | None = None,
     ):
@@ -42,9 +40,7 @@ class MegatronGPTModule(pl.LightningModule):
         # MTP off: no MTP block is built and the layer count is cleared so nothing re-enables it.
         self.arch = arch if mtp_enabled else arch.without_mtp()
         self.mtp_loss_factor = mtp_loss_factor
-        if params_dtype not in _DTYPES:
-            raise ValueError(f"trainer precision / params_dtype must be one of {sorted(_DTYPES)}, got {params_dtype!r}")
-        self.params_dtype = _DTYPES[params_dtype]
+        self.params_dtype = dtypes.params_dtype(params_dtype)
         self.micro_batch_size = micro_batch_size
         self.optim_cfg = OptimConfig(**(optim or {}))
         self.model = None
@@ -56,10 +52,6 @@ class MegatronGPTModule(pl.LightningModule):
     @property
     def mtp_enabled(self) -> bool:
         return self.arch.mtp_num_layers > 0
-
-    @property
-    def uses_megatron_optimizer(self) -> bool:
-        return torch.cuda.is_available()
 
     @property
     def layout(self):
@@ -79,9 +71,13 @@ class MegatronGPTModule(pl.LightningModule):
         )
 
     def configure_optimizers(self):
-        if self.uses_megatron_optimizer:
-            return MegatronOptimizerAdapter(self.ddp_model, self.optim_cfg, self.params_dtype == torch.bfloat16)
-        return MainGradAdamW(self.model.parameters(), self.optim_cfg)
+        return MegatronOptimizer(self.ddp_model, self.optim_cfg, self.params_dtype, self.trainer.max_steps)
+
+    def reload_optimizer_weights(self) -> None:
+        """The model's weights changed outside the optimizer (an import): copy them into its fp32 masters,
+        or its next step would write the old weights back."""
+        if self.trainer.optimizers:
+            self.trainer.optimizers[0].reload_model_params()
 
     def on_save_checkpoint(self, checkpoint) -> None:
         checkpoint["consumed_samples"] = self.global_step * self.trainer.datamodule.global_batch_size
@@ -127,16 +123,17 @@ class MegatronGPTModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
-        lr = lr_at(self.global_step, self.optim_cfg, self.trainer.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        megatron_optimizer = optimizer.optimizer
+        megatron_optimizer.set_step(self.global_step)
         self.ddp_model.zero_grad_buffer()
         optimizer.zero_grad()
         outputs = self._run_schedule(batch, forward_only=False)  # grads reduced by finalize_model_grads
-        optimizer.step()
+        optimizer.step()  # clips by the global grad norm, steps the fp32 masters, copies them to the model
         loss_sum, tokens = _sum_outputs(outputs)
         lm_loss = self._on_all_ranks(self._data_parallel_mean(loss_sum, tokens))
-        metrics = {"train/lm_loss": lm_loss, "lr": lr}
+        metrics = {"train/lm_loss": lm_loss, "lr": megatron_optimizer.lr}
+        if megatron_optimizer.grad_norm is not None:
+            metrics["train/grad_norm"] = megatron_optimizer.grad_norm
         if self.mtp_enabled:
             metrics["train/mtp_loss"] = self._on_all_ranks(self._mtp_loss(len(outputs) or 1))
         self.log_dict(metrics, prog_bar=True, on_step=True, batch_size=batch["tokens"].shape[0])

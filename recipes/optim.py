@@ -1,12 +1,15 @@
-"""Optimizers and the learning-rate schedule: a torch AdamW on CPU, Megatron's distributed optimizer on GPU.
+"""The optimizer and its learning-rate schedule: Megatron-Core's distributed optimizer on every device.
 
-Megatron DDP accumulates gradients in `param.main_grad`; the CPU path hands those to torch's AdamW.
+Adam with fp32 master weights for bf16 parameters, its gradient clipping by the global norm, its
+optimizer state sharded over data-parallel ranks; Megatron's `OptimizerParamScheduler` drives the
+learning rate (linear warm-up, then cosine decay to `min_lr` at `max_steps`). The same code runs on CPU
+(through bridges/megatron/cpu_runtime.py) and on GPU.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -22,75 +25,16 @@ class OptimConfig:
     clip_grad: float = 1.0
 
 
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `max_steps`."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(max_steps - cfg.warmup_steps, 1)
-    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+class MegatronOptimizer(torch.optim.Optimizer):
+    """Megatron's (distributed) optimizer and LR scheduler, presented to Lightning as a torch optimizer.
 
-
-def global_grad_norm(params) -> float:
-    """L2 norm of the whole model's gradient, identical on every rank.
-
-    Each gradient element counts once: TP-duplicated weights (norms) only on TP rank 0, tied
-    copies once; dense squares are summed over TP x PP, expert squares over expert-TP x EP x PP.
-    Clipping with a per-rank norm would scale data-parallel replicas differently.
+    `step()` sets the learning rate of the step about to run (from the number of steps done), clips and
+    steps; `grad_norm` is the last step's global gradient norm (before clipping).
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-    from megatron.core.transformer.module import param_is_not_shared
 
-    dense = torch.zeros((), dtype=torch.float64)
-    expert = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is None or not param_is_not_shared(p):
-            continue
-        is_expert = not getattr(p, "allreduce", True)
-        if not is_expert and not param_is_not_tensor_parallel_duplicate(p):
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if is_expert:
-            expert += sq
-        else:
-            dense += sq
-    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
-        dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
-        dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
-    return float((dense + expert).sqrt())
-
-
-class MainGradAdamW(torch.optim.AdamW):
-    """AdamW reading Megatron DDP's reduced gradients from `param.main_grad`, with clipping by the
-    global gradient norm (the same factor on every rank)."""
-
-    def __init__(self, params, cfg: OptimConfig):
-        super().__init__(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        self.clip_grad = cfg.clip_grad
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        params = [p for group in self.param_groups for p in group["params"]]
-        for p in params:
-            main_grad = getattr(p, "main_grad", None)
-            if main_grad is not None:
-                p.grad = main_grad.to(p.dtype)
-        if self.clip_grad:
-            norm = global_grad_norm(params)
-            if norm > self.clip_grad:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(self.clip_grad / (norm + 1e-6))
-        return super().step(closure)
-
-
-class MegatronOptimizerAdapter(torch.optim.Optimizer):
-    """Presents Megatron's (distributed) optimizer to Lightning as a torch optimizer (GPU path)."""
-
-    def __init__(self, ddp_model, cfg: OptimConfig, bf16: bool):
+    def __init__(self, ddp_model, cfg: OptimConfig, params_dtype: torch.dtype, max_steps: int):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.inner = get_megatron_optimizer(
             OptimizerConfig(
@@ -101,11 +45,32 @@ class MegatronOptimizerAdapter(torch.optim.Optimizer):
                 adam_beta1=cfg.beta1,
                 adam_beta2=cfg.beta2,
                 clip_grad=cfg.clip_grad,
-                bf16=bf16,
+                bf16=params_dtype == torch.bfloat16,
+                fp16=params_dtype == torch.float16,
+                params_dtype=params_dtype,
                 use_distributed_optimizer=True,
             ),
             [ddp_model],
+            # Gradients and optimizer state use the default (gloo on CPU, NCCL on GPU) groups.
+            use_gloo_process_groups=False,
         )
+        warmup = max(int(cfg.warmup_steps), 0)
+        self.scheduler = OptimizerParamScheduler(
+            self.inner,
+            init_lr=0.0,
+            max_lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=max(int(max_steps), warmup + 1),
+            lr_decay_style="cosine",
+            start_wd=cfg.weight_decay,
+            end_wd=cfg.weight_decay,
+            wd_incr_steps=max(int(max_steps), 1),
+            wd_incr_style="constant",
+        )
+        for opt in self._distributed_optimizers():
+            opt._set_main_param_and_optimizer_states = partial(_set_loaded_states, opt)
+        self.grad_norm: float | None = None
         self.defaults = {}
         self.state = {}
 
@@ -113,16 +78,63 @@ class MegatronOptimizerAdapter(torch.optim.Optimizer):
     def param_groups(self):
         return self.inner.param_groups
 
+    @property
+    def lr(self) -> float:
+        return float(self.inner.param_groups[0]["lr"])
+
+    def set_step(self, steps_done: int) -> None:
+        """Learning rate for the step after `steps_done` completed ones (warm-up reaches `lr` at step
+        `warmup_steps`, counted from 1)."""
+        self.scheduler.step(steps_done + 1 - self.scheduler.num_steps)
+
     def zero_grad(self, set_to_none: bool = True):
         self.inner.zero_grad(set_to_none)
 
     def step(self, closure=None):
         if closure is not None:
             closure()
-        return self.inner.step()
+        ok, grad_norm, _ = self.inner.step()
+        self.grad_norm = None if grad_norm is None else float(grad_norm)
+        return ok
+
+    def reload_model_params(self) -> None:
+        """Copy the model's weights into the fp32 masters (after weights were loaded outside the optimizer)."""
+        self.inner.reload_model_params()
+
+    def _distributed_optimizers(self):
+        return getattr(self.inner, "chained_optimizers", [self.inner])
+
+    def prepare_state_for_loading(self) -> None:
+        """Give every parameter range Adam state before a checkpoint is loaded into it: Megatron-Core 0.16's
+        distributed optimizer reads the step count from that state, which torch's Adam (used without
+        Transformer Engine or apex) creates only at the first step. A step with zero gradients creates it;
+        the checkpoint then overwrites masters, moments and step."""
+        for opt in self._distributed_optimizers():
+            if len(opt.optimizer.state) == 0:
+                opt._init_optimizer_states_with_dummy_values()
+
+    def unshare_adam_steps(self) -> None:
+        """Megatron-Core 0.16 loads torch Adam's per-parameter `step` as one tensor shared by every
+        parameter, which each parameter's update then increments: give each its own."""
+        for opt in self._distributed_optimizers():
+            for state in opt.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
 
     def state_dict(self):
-        return self.inner.state_dict()
+        raise NotImplementedError("the optimizer state is saved in sharded checkpoints (recipes/checkpoint.py)")
 
     def load_state_dict(self, state_dict):
-        self.inner.load_state_dict(state_dict)
+        raise NotImplementedError("the optimizer state is loaded from sharded checkpoints (recipes/checkpoint.py)")
+
+
+@torch.no_grad()
+def _set_loaded_states(opt, model_param, tensors) -> None:
+    """`DistributedOptimizer._set_main_param_and_optimizer_states` copying only the states the checkpoint
+    holds: Megatron-Core 0.16's version also asks for torch Adam's `step`, which its own loader leaves out
+    (the step comes back through the param groups)."""
+    group_index, group_order = opt.model_param_group_index_map[model_param]
+    main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+    targets = {"param": main_param, **opt.optimizer.state[main_param]}
+    for key, value in tensors.items():
+        targets[key].copy_(value)

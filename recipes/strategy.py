@@ -11,27 +11,36 @@ import os
 import shutil
 from typing import Any
 
-import torch
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
+from bridges import rank_status
 from bridges.megatron import cpu_runtime, parallel
 from bridges.megatron.layout import ParallelLayout
+from recipes import checkpoint as ckpt
 
 
 class MegatronStrategy(DDPStrategy):
     strategy_name = "megatron"
 
     def __init__(self, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234, **kwargs: Any):
-        kwargs.setdefault("process_group_backend", "nccl" if torch.cuda.is_available() else "gloo")
+        # The process group backend follows the root device (gloo on CPU, NCCL on GPU): Lightning's default.
         super().__init__(**kwargs)
         self.layout = ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp)
         self.seed = seed
+        self._resume_from: tuple[str, bool] | None = None
+
+    @property
+    def device_type(self) -> str:
+        """The run's device, decided once by the accelerator: "cpu" (Megatron-Core through the CPU runtime)
+        or "cuda"."""
+        return self.root_device.type
 
     def setup_distributed(self) -> None:
-        cpu_runtime.enable()
+        if self.device_type == "cpu":
+            cpu_runtime.enable()
         super().setup_distributed()
-        parallel.initialize(self.layout, seed=self.seed)
+        parallel.initialize(self.layout, seed=self.seed, device=self.device_type)
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
@@ -72,45 +81,51 @@ class MegatronStrategy(DDPStrategy):
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=module.uses_megatron_optimizer,
+            use_distributed_optimizer=True,
         )
         ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
         model.config.no_sync_func = ddp.no_sync
         model.config.finalize_model_grads_func = finalize_model_grads
         object.__setattr__(module, "ddp_model", ddp)
 
-    # Lightning checkpoints: every rank holds different shards, so a checkpoint is a directory with
-    # one file per rank (written by that rank), and only resumes under the same layout.
+    # Lightning checkpoints: a directory written through Megatron-Core dist_checkpointing by every rank
+    # (model and optimizer shards), with rank 0's Lightning state beside it (recipes/checkpoint.py).
+    def lightning_module_state_dict(self) -> dict:
+        return {}  # the weights are saved sharded, with the optimizer
+
+    def optimizer_state(self, optimizer) -> dict:
+        return {}  # saved sharded, with the model
+
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
-        checkpoint = {**checkpoint, "parallel_layout": self._layout_record()}
-        os.makedirs(filepath, exist_ok=True)
-        self.checkpoint_io.save_checkpoint(checkpoint, self._rank_file(filepath), storage_options=storage_options)
-        self.barrier("save_checkpoint")
+        state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        ckpt.save(str(filepath), self.lightning_module, self.optimizers[0], state, self._run_record())
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
-        path = self._rank_file(checkpoint_path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{checkpoint_path} has no {os.path.basename(path)}: not a checkpoint of this strategy "
-                f"(a directory with one file per rank) or written by a smaller world"
-            )
-        # Our own per-rank files (optimizer state included): trusted, unlike imported HF checkpoints.
-        checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=False)
-        saved = checkpoint.get("parallel_layout")
-        if saved != self._layout_record():
-            raise ValueError(f"checkpoint {checkpoint_path} was written with layout {saved}, this run has {self._layout_record()}")
-        return checkpoint
+        state, error = None, None
+        try:
+            state = ckpt.read_lightning_state(str(checkpoint_path), self._run_record())
+        except (ckpt.CheckpointRefused, OSError, RuntimeError) as e:
+            error = e
+        # Every rank reads the same files; agree anyway, so no rank waits alone in the next collective.
+        refused = [m for m in rank_status.exchange(None if error is None else str(error), None, "checkpoint check") if m]
+        if refused:
+            raise ckpt.CheckpointRefused(refused[0])
+        self._resume_from = (str(checkpoint_path), state.pop("saved_layout") == self._run_record()["layout"])
+        return {**state, "state_dict": {}, "optimizer_states": [{}]}
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        pass  # loaded with the optimizer state, once the optimizer exists (load_optimizer_state_dict)
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        path, same_layout = self._resume_from
+        ckpt.load(path, self.lightning_module, self.optimizers[0], same_layout)
 
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero and os.path.isdir(filepath):
             shutil.rmtree(filepath)
 
-    def _rank_file(self, directory) -> str:
-        return os.path.join(directory, f"rank_{self.global_rank:05d}.ckpt")
-
-    def _layout_record(self) -> dict:
-        return {"tp": self.layout.tp, "pp": self.layout.pp, "ep": self.layout.ep, "etp": self.layout.expert_tp,
-                "world_size": self.world_size}
+    def _run_record(self) -> dict:
+        return ckpt.run_record(self.lightning_module, self.layout, self.world_size)
 
     def teardown(self) -> None:
         super().teardown()

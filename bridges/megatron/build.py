@@ -1,6 +1,7 @@
 """Build a Megatron-Core GPT model (MoE, MTP) for this rank from an architecture and a parallel layout.
 
-Used by training (recipes/) and by offline conversion checks (bridges.verify). Knows nothing of
+Used by training (recipes/) and by offline conversion checks (bridges.verify). The run's device was
+decided when the parallel state was initialised (`cpu_runtime.active()`); nothing here probes CUDA. Knows nothing of
 Hugging Face: model families translate their configs into a `GPTArchitecture` (bridges/models/).
 """
 
@@ -121,7 +122,7 @@ def transformer_config(
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=cpu_runtime.active(),
         mtp_num_layers=arch.mtp_num_layers or None,
         mtp_loss_scaling_factor=mtp_loss_scaling_factor,
         hidden_dropout=0.0,
@@ -130,7 +131,7 @@ def transformer_config(
     if kwargs.get("num_moe_experts"):
         kwargs.setdefault("moe_token_dispatcher_type", "alltoall")
         kwargs.setdefault("moe_router_dtype", "fp32")
-        kwargs.setdefault("moe_grouped_gemm", grouped_gemm_fits(kwargs, torch.cuda.is_available(),
+        kwargs.setdefault("moe_grouped_gemm", grouped_gemm_fits(kwargs, not cpu_runtime.active(),
                                                                 _transformer_engine_available()))
     if arch.mrope is not None:
         kwargs.update(arch.mrope.megatron_fields())
@@ -160,7 +161,6 @@ def build_gpt_model(
         get_gpt_mtp_block_spec,
     )
 
-    cpu_runtime.enable()
     config = transformer_config(arch, layout, params_dtype, mtp_loss_scaling_factor, overrides)
     use_te = _transformer_engine_available()
     if config.experimental_attention_variant == "gated_delta_net":
@@ -297,7 +297,7 @@ def grouped_gemm_fits(kwargs: dict[str, Any], cuda: bool, transformer_engine: bo
 
 
 def _transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
+    if cpu_runtime.active():  # TE kernels need CUDA
         return False
     try:
         import transformer_engine  # noqa: F401

@@ -1,7 +1,8 @@
 """Lets Megatron-Core 0.16 run on CPU with gloo (development, CI, the embedded default).
 
-Every CPU compatibility step for Megatron-Core lives here and nowhere else; `enable()` does nothing
-when CUDA is available, so GPU runs use Megatron-Core unchanged. Steps:
+Every CPU compatibility step for Megatron-Core lives here and nowhere else. The run's accelerator decides:
+`enable()` is called when the run's device is the CPU (the Lightning strategy's root device, or verify's
+`--device`), never because CUDA is absent, so GPU runs use Megatron-Core unchanged. Steps:
 - `torch.cuda.current_device()` answers "cpu" (Megatron allocates buffers on it) and
   `Tensor.cuda()` leaves a tensor on the CPU;
 - a CPU RNG tracker replaces the CUDA one (model-parallel / expert-parallel RNG streams);
@@ -14,29 +15,37 @@ when CUDA is available, so GPU runs use Megatron-Core unchanged. Steps:
 - the pipeline schedules' hard-coded `device="cuda"` allocations land on the CPU, and
   `torch.cuda.synchronize()` (used around p2p) is a no-op;
 - the local attention's sliding-window mask (built with `device="cuda"`) is built on the CPU;
+- the optimizer (distributed optimizer, fp32 masters, grad clipping): its `device="cuda"` allocations land on
+  the CPU, its `param.type() == "torch.cuda.*Tensor"` checks accept CPU tensors, and the grad-norm fallback
+  (`local_multi_tensor_l2_norm`) returns a CPU tensor;
 - `adapt_config` picks settings that have CPU implementations (allgather token dispatcher, no fusions).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
 _ENABLED = False
 
 
-def cuda_present() -> bool:
-    return torch.cuda.is_available()
+def default_device() -> str:
+    """The device a run uses when nobody chose one ("auto"): the one place that asks whether CUDA is there."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def enable() -> bool:
-    """Apply the CPU compatibility steps once; return True when they are active."""
+def active() -> bool:
+    """Whether this process runs Megatron-Core on the CPU (`enable()` was called)."""
+    return _ENABLED
+
+
+def enable() -> None:
+    """Apply the CPU compatibility steps once (the run's device is the CPU)."""
     global _ENABLED
-    if cuda_present():
-        return False
     if _ENABLED:
-        return True
+        return
     _patch_current_device()
     _patch_rng_tracker()
     _patch_missing_kernel_names()
@@ -44,8 +53,8 @@ def enable() -> bool:
     _patch_pipeline_schedules()
     _patch_sliding_window_mask()
     _patch_gated_delta_net()
+    _patch_optimizer()
     _ENABLED = True
-    return True
 
 
 def _patch_current_device() -> None:
@@ -174,8 +183,8 @@ def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
 
 
 def adapt_config(kwargs: dict) -> dict:
-    """TransformerConfig settings that have CPU implementations (a copy; unchanged with CUDA)."""
-    if cuda_present():
+    """TransformerConfig settings that have CPU implementations (a copy; unchanged when not enabled)."""
+    if not _ENABLED:
         return dict(kwargs)
     out = dict(kwargs)
     # The alltoall dispatcher creates CUDA streams; allgather is plain collectives.
@@ -201,7 +210,15 @@ class _TorchOnCpu:
 
     @staticmethod
     def zeros(*args, device=None, **kwargs):
-        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+        return torch.zeros(*args, device=_on_cpu(device), **kwargs)
+
+    @staticmethod
+    def tensor(*args, device=None, **kwargs):
+        return torch.tensor(*args, device=_on_cpu(device), **kwargs)
+
+
+def _on_cpu(device):
+    return "cpu" if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda") else device
 
 
 def _patch_pipeline_schedules() -> None:
@@ -224,3 +241,52 @@ def _patch_sliding_window_mask() -> None:
 
     utils.get_sliding_window_causal_mask = sliding_window_causal_mask
     fused_softmax.get_sliding_window_causal_mask = sliding_window_causal_mask  # imported there by name
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """`tensor.type()` answers "torch.cuda.<X>Tensor" for CPU tensors while Megatron checks it."""
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        name = original(self, dtype, non_blocking, **kwargs)
+        if dtype is None and isinstance(name, str) and not name.startswith("torch.cuda."):
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _l2_norm_on_cpu(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Megatron's `local_multi_tensor_l2_norm` (no TE / apex) with its result on the CPU, not device="cuda"."""
+    l2 = [[torch.norm(tensor) for tensor in tensor_list] for tensor_list in tensor_lists]
+    return torch.norm(torch.tensor(l2)).reshape(1).float(), None
+
+
+def _patch_optimizer() -> None:
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler, optimizer
+
+    # device="cuda" scalars (found-inf flag, unit loss scale, grad-norm buffers) are made on the CPU.
+    for module in (optimizer, distrib_optimizer, clip_grads, grad_scaler):
+        module.torch = _TorchOnCpu()
+    # Replaces the param.type() == "torch.cuda.*Tensor" checks that sort params into fp32 / bf16 groups.
+    distrib_optimizer.DistributedOptimizer.__init__ = _with_cuda_type_names(distrib_optimizer.DistributedOptimizer.__init__)
+    # Replaces the param.grad.type() == "torch.cuda.FloatTensor" assertion before clipping.
+    clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
+    # Replaces the grad-norm fallback's device="cuda" result (used without TE or apex).
+    if getattr(clip_grads.l2_norm_impl, "__name__", "") == "local_multi_tensor_l2_norm":
+        clip_grads.l2_norm_impl = _l2_norm_on_cpu

@@ -9,13 +9,21 @@ from bridges.megatron import cpu_runtime
 from bridges.megatron.layout import ParallelLayout
 
 
-def initialize(layout: ParallelLayout, seed: int = 1234) -> None:
-    """Create TP/PP/EP/expert-TP/DP groups and seed the model-parallel RNG streams."""
+def initialize(layout: ParallelLayout, seed: int = 1234, device: str | None = None) -> None:
+    """Create TP/PP/EP/expert-TP/DP groups and seed the model-parallel RNG streams.
+
+    `device` is the run's device ("cpu" or "cuda"), decided by the caller (the Lightning strategy's root
+    device, verify's `--device`); None: the one the default process group was made for (gloo: cpu).
+    On "cpu" Megatron-Core runs through the CPU runtime.
+    """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    cpu_runtime.enable()
     assert dist.is_initialized(), "torch.distributed must be initialised first"
+    if device is None:
+        device = "cpu" if dist.get_backend() == "gloo" else "cuda"
+    if device == "cpu":
+        cpu_runtime.enable()
     layout.check(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -24,8 +32,9 @@ def initialize(layout: ParallelLayout, seed: int = 1234) -> None:
         pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
-        # On CPU the default groups already use gloo; extra gloo groups would only cost start-up time.
-        create_gloo_process_groups=torch.cuda.is_available(),
+        # The optimizer runs on the default groups (use_gloo_process_groups=False in recipes/optim.py):
+        # extra gloo groups would only cost start-up time.
+        create_gloo_process_groups=False,
     )
     # As Megatron's training does: one default-generator seed per pipeline stage, so data-parallel
     # replicas initialise identically; named streams for TP / EP randomness.

@@ -18,7 +18,7 @@ PROBE_IDS = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_se
 
 
 def _fit(hf_config, dirpath, tp=1, ep=2, steps=6, every=3, lr=3e-3, import_path=None, export_kwargs=None,
-         probe_steps=(), mtp=True):
+         probe_steps=(), mtp=True, precision="fp32"):
     """One Lightning fit in this process group; returns Megatron logits at `probe_steps` (rank 0)."""
     import lightning.pytorch as pl
     import torch.distributed as dist
@@ -30,7 +30,7 @@ def _fit(hf_config, dirpath, tp=1, ep=2, steps=6, every=3, lr=3e-3, import_path=
     from recipes.module import MegatronGPTModule
     from recipes.strategy import MegatronStrategy
 
-    module = MegatronGPTModule(hf_config, mtp_enabled=mtp, micro_batch_size=2,
+    module = MegatronGPTModule(hf_config, mtp_enabled=mtp, micro_batch_size=2, params_dtype=precision,
                                optim={"lr": lr, "min_lr": lr, "warmup_steps": 0})
     data = TokenDataModule(kind="synthetic", seq_length=16, micro_batch_size=2, global_batch_size=4, num_samples=64)
     data.vocab_size = module.arch.vocab_size
@@ -77,6 +77,9 @@ def _world2(tmp, source):
                           export_kwargs={"dtype": "bf16"})
     out["passthrough"] = _fit(source, f"{tmp}/passthrough", steps=1, every=0, lr=0.0, import_path=source, mtp=False,
                               export_kwargs={"mtp_passthrough": True, "mode": "gather"})
+    # bf16 parameters, fp32 masters: the import must reach the masters or the first step restores random weights.
+    out["bf16"] = _fit(_bf16_copy(source, f"{tmp}/bf16_source"), f"{tmp}/bf16", steps=2, every=0, lr=1e-12,
+                       import_path=f"{tmp}/bf16_source", precision="bf16-mixed", export_kwargs={"async_write": False})
     out["fault"] = _failing_export(source, f"{tmp}/run1")
     out["fault_warn"] = _failing_export(source, f"{tmp}/run1", on_error="warn")
     out.update(_ownership(tmp, source))
@@ -127,6 +130,24 @@ def _one_rank_cannot_open(source, tmp):
         return _refusal(source, f"{tmp}/one_rank_out", steps=2, every=0, import_path=source)
     finally:
         hf_import.companion_files = original
+
+
+def _bf16_copy(source, directory):
+    """The source checkpoint in bf16 (the expert-bias buffer stays fp32, as in released checkpoints)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    if torch.distributed.get_rank() == 0:
+        shutil.copytree(source, directory)
+        tensors = load_file(f"{source}/model.safetensors")
+        save_file({n: t if n.endswith("e_score_correction_bias") else t.to(torch.bfloat16) for n, t in tensors.items()},
+                  f"{directory}/model.safetensors", metadata={"format": "pt"})
+        config = json.load(open(f"{directory}/config.json"))
+        config["dtype"] = config["torch_dtype"] = "bfloat16"
+        json.dump(config, open(f"{directory}/config.json", "w"))
+    torch.distributed.barrier()
+    return directory
 
 
 def _failing_export(source, dirpath, on_error="raise"):
@@ -267,6 +288,17 @@ def test_import_one_step_at_lr0_export_is_bit_exact(world2, source):
     differ = [n for n in original if not torch.equal(original[n], exported[n])]
     # Megatron updates the router's expert bias from routing statistics, not from the learning rate.
     assert differ and all(n.endswith("e_score_correction_bias") for n in differ), differ
+
+
+def test_bf16_import_reaches_the_fp32_masters_export_after_two_steps_is_bit_exact(world2):
+    tmp, _ = world2
+    original = load_file(f"{tmp}/bf16_source/model.safetensors")
+    exported = load_file(f"{tmp}/bf16/step_2/model.safetensors")
+    assert set(exported) == set(original)
+    assert all(exported[n].dtype == original[n].dtype for n in original)
+    differ = [n for n in original if not torch.equal(original[n], exported[n])]
+    # Only the router's expert bias moves (routing statistics, not the learning rate).
+    assert all(n.endswith("e_score_correction_bias") for n in differ), differ
 
 
 def test_mtp_off_export_has_no_mtp_and_says_so(world2, source):

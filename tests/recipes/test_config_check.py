@@ -74,8 +74,13 @@ def test_bad_value_names_the_key(override, message):
 
 
 def test_precision_names_come_from_the_one_table(monkeypatch):
-    monkeypatch.setitem(train._PRECISIONS, "bf16-mixed", ("bf16", "bf16-mixed"))
-    train.validate_config(_compose("trainer.precision=bf16-mixed"))
+    import torch
+
+    from bridges import dtypes
+
+    monkeypatch.setitem(dtypes.PRECISIONS, "bf16-new", torch.bfloat16)
+    train.validate_config(_compose("trainer.precision=bf16-new"))
+    train.validate_config(_compose("trainer.precision=null"))  # chosen by the device
 
 
 def test_end_to_end_one_line_and_exit_status_2(tmp_path):

@@ -31,7 +31,9 @@ def _layout_facts():
 
 
 class _GradProbe:
-    """After the first optimizer step: do data-parallel replicas hold identical grads and weights?"""
+    """After the first optimizer step: do data-parallel replicas hold identical weights? (The distributed
+    optimizer reduce-scatters gradients, so each replica holds only its own shard of them, and all-gathers
+    the updated weights.)"""
 
     def __init__(self):
         import lightning.pytorch as pl
@@ -57,7 +59,7 @@ class _GradProbe:
             group = ps.get_expert_data_parallel_group() if is_expert else ps.get_data_parallel_group()
             if dist.get_world_size(group) == 1:
                 continue
-            for label, t in (("grad", p.main_grad), ("weight", p.data)):
+            for label, t in (("weight", p.data),):
                 gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
                 dist.all_gather(gathered, t.contiguous(), group=group)
                 if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
