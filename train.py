@@ -81,6 +81,7 @@ def build_run(cfg: DictConfig):
     strategy = MegatronStrategy(**OmegaConf.to_container(cfg.parallel), seed=int(cfg.seed))
     nodes = [cfg.get("hf_import"), cfg.get("hf_export"), *(cfg.get("callbacks") or {}).values()]
     callbacks = [instantiate(node) for node in nodes if node]
+    callbacks += _default_checkpointing(cfg, callbacks)
     trainer = instantiate(
         cfg.trainer,
         # Megatron owns the dtypes (bf16 parameters, fp32 buffers and masters): Lightning casts nothing.
@@ -108,6 +109,16 @@ def _check_epoch_length(cfg: DictConfig, rows: int, global_batch_size: int) -> N
     if isinstance(interval, int) and interval > steps:
         raise DataConfigError(f"trainer.val_check_interval: {interval} steps between validations, but an epoch "
                               f"of {source} has only {steps} steps")
+
+
+def _default_checkpointing(cfg: DictConfig, callbacks: list) -> list:
+    """`trainer.enable_checkpointing=true` without a ModelCheckpoint callback: sharded Lightning checkpoints
+    into `<run dir>/checkpoints` (Lightning's default would put them under the logger's directory)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if not cfg.trainer.get("enable_checkpointing") or any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        return []
+    return [ModelCheckpoint(dirpath=os.path.join(_run_dir(), "checkpoints"))]
 
 
 def _device_type(accelerator) -> str:

@@ -24,7 +24,8 @@ import torch.distributed.checkpoint
 
 LIGHTNING_STATE = "lightning_state.pt"  # rank 0's Lightning state (tensors and plain values only)
 RUN_RECORD = "run.json"  # architecture, parameter dtype and layout of the run that wrote the checkpoint
-SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Model-space optimizer state (reshardable across layouts); keys independent of how optimizers are chained.
+SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 MODEL_METADATA = {"non_homogeneous_layers": True}  # one key per layer (dense and MoE layers differ)
 
 
@@ -50,14 +51,30 @@ def _stable_name(value) -> str:
 
 
 def _sharded_state(module, optimizer, is_loading: bool, with_rng: bool) -> dict:
-    model_state = module.model.sharded_state_dict(metadata=MODEL_METADATA)
-    state = {
-        "model": model_state,
-        "optimizer": optimizer.inner.sharded_state_dict(model_state, is_loading=is_loading, metadata=SHARDING),
+    """Only sharded tensors: the model's weights and each optimizer's per-parameter state (fp32 master, Adam
+    moments) in model space, keyed by parameter name, so the same keys exist under every layout and however
+    the optimizers are split (dense / expert). Megatron's pickled extras (`_extra_state` objects, optimizer
+    hyper-parameters) are left out; the Adam step count travels in the Lightning state."""
+    # Fresh metadata dicts: Megatron records the run's process groups in them.
+    model_state = _tensors_only(module.model.sharded_state_dict(metadata=dict(MODEL_METADATA)))
+    optimizer_state = {
+        i: _tensors_only(opt.sharded_state_dict(model_state, is_loading=is_loading, metadata=dict(SHARDING))["param_state"])
+        for i, opt in enumerate(optimizer.distributed_optimizers())
     }
+    state = {"model": model_state, "optimizer": optimizer_state}
     if with_rng:
         state["rng"] = _rng_sharded(_rng_bytes())
     return state
+
+
+def _tensors_only(state: dict) -> dict:
+    """Sharded tensors (and factories that make them, e.g. a fused gate/up weight split in two); no objects."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    tensors, _ = extract_matching_values(state, lambda v: isinstance(v, (ShardedTensor, ShardedTensorFactory)))
+    return tensors
 
 
 def save(directory: str, module, optimizer, lightning_state: dict, record: dict) -> None:
@@ -70,7 +87,7 @@ def save(directory: str, module, optimizer, lightning_state: dict, record: dict)
     dist_checkpointing.save(_sharded_state(module, optimizer, is_loading=False, with_rng=True), directory,
                             sharded_strategy=_in_process_torch_dist())
     if dist.get_rank() == 0:
-        state = {**lightning_state, "scheduler": optimizer.scheduler.state_dict()}
+        state = {**lightning_state, "scheduler": optimizer.scheduler.state_dict(), "adam_step": optimizer.adam_step()}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         with open(os.path.join(directory, LIGHTNING_STATE), "wb") as f:
@@ -121,19 +138,31 @@ def read_lightning_state(directory: str, record: dict) -> dict:
     return state
 
 
-def load(directory: str, module, optimizer, same_layout: bool) -> None:
-    """Load the model, the fp32 masters and Adam moments (resharded to this layout) and, under the same
-    layout, each rank's RNG states. Every rank calls this after the optimizer exists."""
+def load(directory: str, module, optimizer, lightning_state: dict, same_layout: bool) -> None:
+    """Load the model, the fp32 masters and Adam moments (resharded to this layout), the Adam step and the
+    scheduler and, under the same layout, each rank's RNG states. Every rank calls this once the optimizer
+    exists."""
     from megatron.core import dist_checkpointing
 
     optimizer.prepare_state_for_loading()
     sharded = _sharded_state(module, optimizer, is_loading=True, with_rng=same_layout)
     with _restricted_metadata_unpickling():
         loaded = dist_checkpointing.load(sharded, directory)
-    module.model.load_state_dict(loaded["model"])
-    with torch.no_grad():
-        optimizer.inner.load_state_dict(loaded["optimizer"])
+    missing, unexpected = module.model.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointRefused(f"checkpoint {directory} does not fit the model: missing {missing[:3]}, "
+                                f"unexpected {list(unexpected)[:3]}")
+    for i, opt in enumerate(optimizer.distributed_optimizers()):
+        state = opt.state_dict()  # this run's parameter groups, with the checkpoint's step count
+        for group in state["optimizer"]["param_groups"]:
+            group["step"] = lightning_state["adam_step"]
+        state["param_state"] = loaded["optimizer"][i]
+        state["param_state_sharding_type"] = SHARDING["distrib_optim_sharding_type"]
+        with torch.no_grad():
+            opt.load_state_dict(state)
     optimizer.unshare_adam_steps()
+    optimizer.scheduler.load_state_dict(lightning_state["scheduler"])
     if same_layout:
         _set_rng_bytes(loaded["rng"].reshape(-1))
 

@@ -68,7 +68,7 @@ class MegatronOptimizer(torch.optim.Optimizer):
             wd_incr_steps=max(int(max_steps), 1),
             wd_incr_style="constant",
         )
-        for opt in self._distributed_optimizers():
+        for opt in self.distributed_optimizers():
             opt._set_main_param_and_optimizer_states = partial(_set_loaded_states, opt)
         self.grad_norm: float | None = None
         self.defaults = {}
@@ -101,22 +101,31 @@ class MegatronOptimizer(torch.optim.Optimizer):
         """Copy the model's weights into the fp32 masters (after weights were loaded outside the optimizer)."""
         self.inner.reload_model_params()
 
-    def _distributed_optimizers(self):
-        return getattr(self.inner, "chained_optimizers", [self.inner])
+    def distributed_optimizers(self) -> list:
+        """Megatron's optimizers behind this one (dense and expert parameters are stepped apart)."""
+        return list(getattr(self.inner, "chained_optimizers", [self.inner]))
+
+    def adam_step(self) -> int:
+        """Adam's step count (the same for every parameter)."""
+        for opt in self.distributed_optimizers():
+            for state in opt.optimizer.state.values():
+                if "step" in state:
+                    return int(state["step"])
+        return 0
 
     def prepare_state_for_loading(self) -> None:
         """Give every parameter range Adam state before a checkpoint is loaded into it: Megatron-Core 0.16's
         distributed optimizer reads the step count from that state, which torch's Adam (used without
         Transformer Engine or apex) creates only at the first step. A step with zero gradients creates it;
         the checkpoint then overwrites masters, moments and step."""
-        for opt in self._distributed_optimizers():
+        for opt in self.distributed_optimizers():
             if len(opt.optimizer.state) == 0:
                 opt._init_optimizer_states_with_dummy_values()
 
     def unshare_adam_steps(self) -> None:
         """Megatron-Core 0.16 loads torch Adam's per-parameter `step` as one tensor shared by every
         parameter, which each parameter's update then increments: give each its own."""
-        for opt in self._distributed_optimizers():
+        for opt in self.distributed_optimizers():
             for state in opt.optimizer.state.values():
                 if isinstance(state.get("step"), torch.Tensor):
                     state["step"] = state["step"].clone()

@@ -28,7 +28,7 @@ class MegatronStrategy(DDPStrategy):
         super().__init__(**kwargs)
         self.layout = ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp)
         self.seed = seed
-        self._resume_from: tuple[str, bool] | None = None
+        self._resume_from: tuple[str, dict, bool] | None = None
 
     @property
     def device_type(self) -> str:
@@ -110,15 +110,15 @@ class MegatronStrategy(DDPStrategy):
         refused = [m for m in rank_status.exchange(None if error is None else str(error), None, "checkpoint check") if m]
         if refused:
             raise ckpt.CheckpointRefused(refused[0])
-        self._resume_from = (str(checkpoint_path), state.pop("saved_layout") == self._run_record()["layout"])
+        self._resume_from = (str(checkpoint_path), state, state.pop("saved_layout") == self._run_record()["layout"])
         return {**state, "state_dict": {}, "optimizer_states": [{}]}
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
         pass  # loaded with the optimizer state, once the optimizer exists (load_optimizer_state_dict)
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
-        path, same_layout = self._resume_from
-        ckpt.load(path, self.lightning_module, self.optimizers[0], same_layout)
+        path, state, same_layout = self._resume_from
+        ckpt.load(path, self.lightning_module, self.optimizers[0], state, same_layout)
 
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero and os.path.isdir(filepath):

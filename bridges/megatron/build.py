@@ -185,6 +185,7 @@ def build_gpt_model(
         rotary_base=int(arch.rotary_base) if float(arch.rotary_base).is_integer() else arch.rotary_base,
         mtp_block_spec=mtp_spec,
     )
+    _params_in_dtype(model, params_dtype)
     _mark_softmax_offsets_tensor_parallel(model)
     _skip_expert_reductions_over_one_rank(model)
     _mask_vocab_padding(model, arch.vocab_size, layout.tp)
@@ -265,6 +266,14 @@ def _mask_vocab_padding(model, vocab_size: int, tp: int) -> None:
         return logits.masked_fill(mask, torch.finfo(logits.dtype).min), bias
 
     output_layer.register_forward_hook(hook)
+
+
+def _params_in_dtype(model, params_dtype: torch.dtype) -> None:
+    """Every parameter in the training dtype, as Megatron's Float16Module makes them (torch's norm, used
+    without Transformer Engine, is built in fp32). Buffers keep their dtype (the router's fp32 expert bias)."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != params_dtype:
+            param.data = param.data.to(params_dtype)
 
 
 def _mark_softmax_offsets_tensor_parallel(model) -> None:
