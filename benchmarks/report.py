@@ -202,6 +202,18 @@ def markdown(figures: dict, plan: dict | None, png: str | None) -> str:
     return "\n".join(md)
 
 
+def _with_checkpoint_section(md: str, docs: str) -> str:
+    """The checkpoint figures of benchmarks/checkpoint_bench.py (docs/benchmarks_checkpoint.json), when measured."""
+    path = os.path.join(docs, "benchmarks_checkpoint.json")
+    if not os.path.isfile(path):
+        return md
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from checkpoint_bench import splice
+
+    with open(path) as f:
+        return splice(md, json.load(f))
+
+
 def _best(c: dict, what: str, ours: str, reference: str) -> str:
     """Fastest run against fastest run: the least disturbed pair on a shared machine."""
     runs = c.get("runs", {}).get(what)
@@ -373,7 +385,7 @@ def main() -> None:
         png = None
     md_path = os.path.join(args.docs, "benchmarks.md")
     with open(md_path, "w") as f:
-        f.write(markdown(figures, plan, png))
+        f.write(_with_checkpoint_section(markdown(figures, plan, png), args.docs))
     print(f"wrote {md_path}" + (f" and {png}" if png else ""))
 
 
