@@ -9,12 +9,44 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # `${if_null:a,b}`: a unless it is null, else b (recipes default model.hf_config to the import source).
 OmegaConf.register_new_resolver("if_null", lambda value, default: default if value is None else value, replace=True)
+# `${run_stamp:FORMAT}`: the run's start time as global rank 0 saw it (one run directory for all ranks).
+OmegaConf.register_new_resolver("run_stamp", lambda fmt=None: _run_stamp(fmt), replace=True)
+
+
+def _run_stamp(fmt: str | None) -> str:
+    from recipes import run_dir
+
+    return run_dir.run_stamp(fmt or run_dir.DEFAULT_FORMAT)
+
+
+def devices_per_node(devices, accelerator: str) -> int:
+    """`trainer.devices` as a process count: an int, a list of device ids, or `auto` / -1 (every GPU of
+    the node on GPU, the launcher's processes per node under torchrun / srun, else 1)."""
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices)
+    if str(devices) not in ("auto", "-1"):
+        try:
+            count = int(devices)
+        except ValueError:
+            raise ValueError(f"trainer.devices must be a positive int, a list of device ids or 'auto', got {devices!r}")
+        if count < 1:
+            raise ValueError(f"trainer.devices must be >= 1 (or 'auto' / -1), got {count}")
+        return count
+    if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    if "SLURM_NTASKS_PER_NODE" in os.environ and os.environ["SLURM_NTASKS_PER_NODE"].isdigit():
+        return int(os.environ["SLURM_NTASKS_PER_NODE"])
+    import torch
+
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
 
 
 def resolve_path(path: str) -> str:
@@ -62,7 +94,8 @@ def build_run(cfg: DictConfig):
               f"(num_nextn_predict_layers: {module.source_hf_config.get('num_nextn_predict_layers', 0)}), "
               f"so mtp.enabled=true builds no MTP block and trains without the MTP loss", flush=True)
     layout = ParallelLayout(**OmegaConf.to_container(cfg.parallel))
-    world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+    devices = devices_per_node(cfg.trainer.devices, str(cfg.trainer.accelerator))
+    world_size = devices * int(cfg.trainer.num_nodes)
     layout.check(world_size, module.arch.num_experts or 0, module.arch.num_layers, module.arch.expert_biases,
                  module.arch.tensor_parallel_heads)
 
@@ -90,6 +123,7 @@ def build_run(cfg: DictConfig):
         callbacks=callbacks,
         logger=_logger(),
         default_root_dir=_run_dir(),
+        devices=devices,
     )
     return trainer, module, data
 
@@ -209,4 +243,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from recipes.run_dir import rank_overrides
+
+    sys.argv += rank_overrides(sys.argv[1:])  # under torchrun / srun, only rank 0 writes `.hydra/`
     main()
