@@ -69,8 +69,9 @@ def build_run(cfg: DictConfig):
     """Everything a run needs, validated before any process is started."""
     from hydra.utils import instantiate
 
+    from bridges.megatron.knobs import ModelKnobs
     from bridges.megatron.layout import ParallelLayout
-    from recipes.strategy import MegatronStrategy
+    from recipes.strategy import DDPKnobs, MegatronStrategy
     from recipes.vlm_module import module_class_for
 
     from bridges import dtypes
@@ -80,6 +81,8 @@ def build_run(cfg: DictConfig):
         precision = dtypes.default_precision(_device_type(cfg.trainer.accelerator))
     dtypes.params_dtype(precision)  # raises on an unknown name
 
+    knobs = ModelKnobs.from_config(OmegaConf.to_container(cfg.model))  # raises KnobError (a ValueError)
+    ddp = DDPKnobs(**OmegaConf.to_container(cfg.ddp))
     hf_config_path = resolve_path(cfg.model.hf_config)
     module = module_class_for(hf_config_path)(  # vision-language families get their module
         hf_config_path=hf_config_path,
@@ -88,6 +91,7 @@ def build_run(cfg: DictConfig):
         params_dtype=str(precision),
         micro_batch_size=int(cfg.data.micro_batch_size),
         optim=OmegaConf.to_container(cfg.optim),
+        knobs=knobs,
     )
     if cfg.mtp.enabled and not module.mtp_enabled and os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"mtp: off: {hf_config_path} declares no MTP layers "
@@ -103,7 +107,8 @@ def build_run(cfg: DictConfig):
     if data.path:
         data.path = resolve_path(data.path)
     data.vocab_size = module.arch.vocab_size
-    data.step_batch_size(layout.data_parallel_size(world_size))  # raises on sizes that do not divide
+    per_rank = data.step_batch_size(layout.data_parallel_size(world_size))  # raises on sizes that do not divide
+    warn_pipeline_bubble(per_rank // data.micro_batch_size, layout.pp)
     rows = data.num_samples
     if data.kind == "tokens":
         from recipes.data import load_token_file
@@ -111,7 +116,7 @@ def build_run(cfg: DictConfig):
         rows = len(load_token_file(data.path, data.seq_length, data.vocab_size)) - data.val_samples
     _check_epoch_length(cfg, rows, data.global_batch_size)
 
-    strategy = MegatronStrategy(**OmegaConf.to_container(cfg.parallel), seed=int(cfg.seed))
+    strategy = MegatronStrategy(**OmegaConf.to_container(cfg.parallel), seed=int(cfg.seed), ddp=ddp)
     nodes = [cfg.get("hf_import"), cfg.get("hf_export"), *(cfg.get("callbacks") or {}).values()]
     callbacks = [instantiate(node) for node in nodes if node]
     callbacks += _default_checkpointing(cfg, callbacks)
@@ -165,6 +170,14 @@ def _device_type(accelerator) -> str:
     if name in ("gpu", "cuda"):
         return "cuda"
     return cpu_runtime.default_device()
+
+
+def warn_pipeline_bubble(micro_batches: int, pp: int) -> None:
+    """Fewer micro-batches per step than pipeline stages leaves most stages idle most of the time."""
+    if pp > 1 and micro_batches < pp:
+        print(f"warning: {micro_batches} micro-batch(es) per step with parallel.pp={pp}: the pipeline is mostly "
+              f"idle; raise data.global_batch_size (or lower data.micro_batch_size) to >= {pp} micro-batches "
+              f"per data-parallel rank", file=sys.stderr, flush=True)
 
 
 def _run_errors() -> tuple[type[BaseException], ...]:

@@ -10,13 +10,13 @@ first/last-uneven pipeline split, MTP on the last stage, experts split evenly ov
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import torch
 
 from bridges.export import family_ruleset, owned_pieces
 from bridges.local_params import EMBEDDING, OUTPUT, Ranks
 from bridges.megatron.build import GPTArchitecture
-from bridges.megatron.layout import LayoutError, ParallelLayout
+from bridges.megatron.layout import LayoutError, ParallelLayout, stage_layers  # noqa: F401 (re-exported)
 from bridges.pieces import PieceSpec
 from bridges.rules import Rule, RuleSet
 from bridges.vision_tower import MEGATRON_PREFIX as VISION_PREFIX
@@ -70,29 +70,6 @@ def virtual_ranks(layout: ParallelLayout, world_size: int) -> list[VirtualRank]:
     return out
 
 
-def stage_layers(num_layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[range]:
-    """Global decoder layer numbers of each pipeline stage: an even split, or Megatron's uneven one where
-    `first` / `last` (num_layers_in_first/last_pipeline_stage) fix the end stages and the rest split evenly."""
-    counts = [None] * pp
-    if pp > 1:
-        counts[0], counts[-1] = first, last
-    elif first is not None or last is not None:
-        raise LayoutError("num_layers_in_first/last_pipeline_stage need pipeline parallelism (pp > 1)")
-    fixed = sum(c for c in counts if c is not None)
-    free = counts.count(None)
-    if fixed > num_layers or (free and (num_layers - fixed) % free) or (not free and fixed != num_layers):
-        raise LayoutError(
-            f"{num_layers} layers do not split over {pp} pipeline stages (first stage {first}, last stage {last})"
-        )
-    each = (num_layers - fixed) // free if free else 0
-    out, start = [], 0
-    for c in counts:
-        n = each if c is None else c
-        out.append(range(start, start + n))
-        start += n
-    return out
-
-
 class LayoutPlanner:
     """Which canonical parameters each rank of `layout` holds, for one model (`arch`, `family`)."""
 
@@ -100,11 +77,13 @@ class LayoutPlanner:
         self, family, arch: GPTArchitecture, layout: ParallelLayout, world_size: int,
         expert_layout: str | None = None, first_stage_layers: int | None = None, last_stage_layers: int | None = None,
     ):
+        if first_stage_layers is not None or last_stage_layers is not None:  # else the layout's own split
+            layout = replace(layout, first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
         self.arch, self.layout = arch, layout
         self.ruleset: RuleSet = family_ruleset(family, arch, expert_layout)
         self.ranks = virtual_ranks(layout, world_size)
         layout.check(world_size, arch.num_experts or 0)
-        stages = stage_layers(arch.num_layers, layout.pp, first_stage_layers, last_stage_layers)
+        stages = layout.stage_layers(arch.num_layers)
         self._stage_of_layer = {layer: stage for stage, layers in enumerate(stages) for layer in layers}
         self._experts_per_rank = (arch.num_experts or 0) // layout.ep
         self._by_place = self._place_rules()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from bridges import dtypes, hf_config
 from bridges.megatron import build
+from bridges.megatron.knobs import ModelKnobs
 from bridges.models import family_for
 from recipes.optim import MegatronOptimizer, OptimConfig
 
@@ -30,6 +31,7 @@ class MegatronGPTModule(pl.LightningModule):
         params_dtype: str = "fp32",  # a trainer.precision name (bridges.dtypes)
         micro_batch_size: int = 2,
         optim: dict[str, Any] | None = None,
+        knobs: ModelKnobs | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -43,6 +45,7 @@ class MegatronGPTModule(pl.LightningModule):
         self.params_dtype = dtypes.params_dtype(params_dtype)
         self.micro_batch_size = micro_batch_size
         self.optim_cfg = OptimConfig(**(optim or {}))
+        self.knobs = knobs or ModelKnobs()
         self.model = None
         self.ddp_model = None
         self._val_sums = None
@@ -67,7 +70,7 @@ class MegatronGPTModule(pl.LightningModule):
     def build_model(self):
         """This rank's Megatron model (subclasses build other GPTModel kinds)."""
         return build.build_gpt_model(
-            self.arch, self.layout, self.params_dtype, mtp_loss_scaling_factor=self.mtp_loss_factor
+            self.arch, self.layout, self.params_dtype, mtp_loss_scaling_factor=self.mtp_loss_factor, knobs=self.knobs
         )
 
     def configure_optimizers(self):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy
@@ -20,13 +21,33 @@ from bridges.megatron.layout import ParallelLayout
 from recipes import checkpoint as ckpt
 
 
+@dataclass(frozen=True)
+class DDPKnobs:
+    """Megatron DDP settings (Hydra `ddp.`): overlap gradient reduce-scatter / all-reduce with the backward
+    pass, and parameter all-gather with the next forward (the distributed optimizer's)."""
+
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    bucket_size: int | None = None  # elements per communication bucket (None: Megatron's default)
+
+    def __post_init__(self):
+        if self.bucket_size is not None and self.bucket_size < 1:
+            raise ValueError(f"ddp.bucket_size must be >= 1 or null, got {self.bucket_size}")
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            raise ValueError("ddp.overlap_param_gather=true needs ddp.overlap_grad_reduce=true (Megatron-Core)")
+
+
 class MegatronStrategy(DDPStrategy):
     strategy_name = "megatron"
 
-    def __init__(self, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234, **kwargs: Any):
+    def __init__(self, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234,
+                 first_stage_layers: int | None = None, last_stage_layers: int | None = None,
+                 virtual_stages: int | None = None, ddp: DDPKnobs | None = None, **kwargs: Any):
         # The process group backend follows the root device (gloo on CPU, NCCL on GPU): Lightning's default.
         super().__init__(**kwargs)
-        self.layout = ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp)
+        self.layout = ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, first_stage_layers=first_stage_layers,
+                                     last_stage_layers=last_stage_layers, virtual_stages=virtual_stages)
+        self.ddp_knobs = ddp or DDPKnobs()
         self.seed = seed
         self._resume_from: tuple[str, dict, bool] | None = None
 
@@ -59,7 +80,7 @@ class MegatronStrategy(DDPStrategy):
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
-            self._wrap_in_megatron_ddp(self.model)
+            self._wrap_in_megatron_ddp(self.model, self.ddp_knobs)
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
 
@@ -67,7 +88,7 @@ class MegatronStrategy(DDPStrategy):
         pass
 
     @staticmethod
-    def _wrap_in_megatron_ddp(module) -> None:
+    def _wrap_in_megatron_ddp(module, knobs: DDPKnobs) -> None:
         """Wrap `module.model` (the rank's GPTModel) in Megatron DDP and hand the wrapper back as
         `module.ddp_model`. Held outside the module's registered children, so Lightning checkpoints
         keep one copy of each weight under `model.`."""
@@ -80,7 +101,9 @@ class MegatronStrategy(DDPStrategy):
         model = module.model
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=knobs.overlap_grad_reduce,
+            overlap_param_gather=knobs.overlap_param_gather,
+            bucket_size=knobs.bucket_size,
             use_distributed_optimizer=True,
         )
         ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)

@@ -24,7 +24,8 @@ class MegatronVLMModule(MegatronGPTModule):
     def build_model(self):
         from bridges.megatron.vlm import build_vlm_model  # imports Megatron-Core: only once a model is built
 
-        return build_vlm_model(self.arch, self.layout, self.params_dtype, mtp_loss_scaling_factor=self.mtp_loss_factor)
+        return build_vlm_model(self.arch, self.layout, self.params_dtype, mtp_loss_scaling_factor=self.mtp_loss_factor,
+                               knobs=self.knobs)
 
 
 def module_class_for(hf_config_path: str) -> type[MegatronGPTModule]:

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from bridges.megatron import cpu_runtime
+from bridges.megatron import cpu_runtime, no_te
+from bridges.megatron.knobs import ModelKnobs
 from bridges.megatron.layout import ParallelLayout
 
 
@@ -107,8 +108,11 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     mtp_loss_scaling_factor: float = 0.1,
     overrides: dict[str, Any] | None = None,
+    knobs: ModelKnobs | None = None,
 ):
     from megatron.core.transformer import TransformerConfig
+
+    on_gpu = not cpu_runtime.active()  # the run's accelerator, decided when the parallel state was set up
 
     kwargs = dict(arch.transformer)
     kwargs.update(
@@ -123,16 +127,16 @@ def transformer_config(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=cpu_runtime.active(),
+        num_layers_in_first_pipeline_stage=layout.first_stage_layers,
+        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
         mtp_num_layers=arch.mtp_num_layers or None,
         mtp_loss_scaling_factor=mtp_loss_scaling_factor,
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
+    kwargs.update((knobs or ModelKnobs()).megatron_fields(on_gpu, no_te.use_te_layer_specs(on_gpu)))
     if kwargs.get("num_moe_experts"):
-        kwargs.setdefault("moe_token_dispatcher_type", "alltoall")
         kwargs.setdefault("moe_router_dtype", "fp32")
-        kwargs.setdefault("moe_grouped_gemm", grouped_gemm_fits(kwargs, not cpu_runtime.active(),
-                                                                _transformer_engine_available()))
     if arch.mrope is not None:
         kwargs.update(arch.mrope.megatron_fields())
     kwargs.update(overrides or {})
@@ -151,6 +155,7 @@ def build_gpt_model(
     mtp_loss_scaling_factor: float = 0.1,
     overrides: dict[str, Any] | None = None,
     model_class=None,
+    knobs: ModelKnobs | None = None,
 ):
     """The GPTModel for this rank's pipeline stage (parallel state must be initialised).
     `model_class`: a GPTModel subclass to build instead (e.g. bridges.megatron.vlm.VisionLanguageModel)."""
@@ -161,8 +166,10 @@ def build_gpt_model(
         get_gpt_mtp_block_spec,
     )
 
-    config = transformer_config(arch, layout, params_dtype, mtp_loss_scaling_factor, overrides)
-    use_te = _transformer_engine_available()
+    use_te = no_te.use_te_layer_specs(not cpu_runtime.active())
+    if not use_te:
+        no_te.enable()
+    config = transformer_config(arch, layout, params_dtype, mtp_loss_scaling_factor, overrides, knobs)
     if config.experimental_attention_variant == "gated_delta_net":
         block_spec = gated_delta_net_block_spec(config, use_te)
     else:
@@ -297,22 +304,6 @@ def _skip_expert_reductions_over_one_rank(model) -> None:
         if (isinstance(module, RowParallelLinear) and module.is_expert and module.bias is not None
                 and module.skip_bias_add and not module.explicit_expert_comm and module.tp_group.size() == 1):
             module.explicit_expert_comm = True
-
-
-def grouped_gemm_fits(kwargs: dict[str, Any], cuda: bool, transformer_engine: bool) -> bool:
-    """Grouped expert GEMMs on CUDA, unless the experts have biases and only Megatron-Core's legacy
-    GroupedMLP (no Transformer Engine) is there: it refuses biases, SequentialMLP takes them."""
-    return cuda and (transformer_engine or not kwargs.get("add_bias_linear", True))
-
-
-def _transformer_engine_available() -> bool:
-    if cpu_runtime.active():  # TE kernels need CUDA
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:

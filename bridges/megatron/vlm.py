@@ -105,12 +105,12 @@ def _scatter(mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
 
 
 def build_vlm_model(arch: build.GPTArchitecture, layout, params_dtype: torch.dtype = torch.float32,
-                    mtp_loss_scaling_factor: float = 0.1, overrides=None) -> VisionLanguageModel:
+                    mtp_loss_scaling_factor: float = 0.1, overrides=None, knobs=None) -> VisionLanguageModel:
     """This rank's vision-language model; `arch.extra["vision"]` is the family's `VisionTower`."""
     tower = arch.extra.get("vision")
     if not isinstance(tower, VisionTower):
         raise ValueError("build_vlm_model needs an architecture with a vision tower (arch.extra['vision'])")
     model = build.build_gpt_model(arch, layout, params_dtype, mtp_loss_scaling_factor, overrides,
-                                  model_class=VisionLanguageModel)
+                                  model_class=VisionLanguageModel, knobs=knobs)
     model.attach_vision(tower, params_dtype)
     return model

@@ -158,7 +158,8 @@ def test_world_1(checkpoints):
 def test_world_2_ep_tp_pp(checkpoints):
     from bridges.megatron.layout import ParallelLayout
 
-    layouts = [ParallelLayout(ep=2), ParallelLayout(tp=2), ParallelLayout(pp=2)]
+    # The last: uneven pipeline stages (1 + 3 layers), placed by the layout and named by global layer number.
+    layouts = [ParallelLayout(ep=2), ParallelLayout(tp=2), ParallelLayout(pp=2), ParallelLayout(pp=2, first_stage_layers=1)]
     _assert_round_trip(run_distributed(2, round_trips, checkpoints, layouts), checkpoints)
 
 

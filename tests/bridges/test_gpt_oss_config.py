@@ -135,13 +135,3 @@ def test_yarn_gives_megatron_transformers_frequencies_and_attention_factor(param
     )
     emb, _ = rope.get_emb(5)  # [positions, 1, 1, dim]: the frequencies twice
     assert torch.allclose(emb[:, 0, 0, :8], torch.arange(5.0)[:, None] * inv_freq, rtol=1e-6, atol=0)
-
-
-def test_expert_biases_keep_grouped_gemm_off_without_transformer_engine():
-    from bridges.megatron.build import grouped_gemm_fits
-
-    biased = gpt_oss.architecture(MINIMAL).transformer
-    assert not grouped_gemm_fits(biased, cuda=True, transformer_engine=False)  # legacy GroupedMLP refuses biases
-    assert grouped_gemm_fits(biased, cuda=True, transformer_engine=True)  # TEGroupedMLP takes them
-    assert grouped_gemm_fits({"add_bias_linear": False}, cuda=True, transformer_engine=False)
-    assert not grouped_gemm_fits({"add_bias_linear": False}, cuda=False, transformer_engine=True)

@@ -39,8 +39,7 @@ def real_ranks(cases):
     for layout, tied, stages in cases:
         arch = glm45.architecture(_config(tied))
         parallel.initialize(layout)
-        overrides = {f"num_layers_in_{end}_pipeline_stage": n for end, n in stages.items()}
-        model = build.build_gpt_model(arch, layout, overrides=overrides)
+        model = build.build_gpt_model(arch, layout)  # uneven stages: the layout's first/last_stage_layers
         params = sorted((p.name, p.exported, tuple(p.tensor.shape)) for p in local_params([model]))
         specs = {e: sorted(map(_key, export_specs([model], glm45, arch, None, e))) for e in EXPERT_LAYOUTS}
         out.append((dist.get_rank(), ps.get_pipeline_model_parallel_rank(), Ranks.current(), params, specs))
@@ -53,8 +52,7 @@ def _assert_same_as_planned(world, cases, results):
 
     for i, (layout, tied, stages) in enumerate(cases):
         arch = glm45.architecture(_config(tied))
-        planners = {e: LayoutPlanner(glm45, arch, layout, world, e, stages.get("first"), stages.get("last"))
-                    for e in EXPERT_LAYOUTS}
+        planners = {e: LayoutPlanner(glm45, arch, layout, world, e) for e in EXPERT_LAYOUTS}
         for rank_results in results:
             rank, pp_rank, ranks, params, specs = rank_results[i]
             vrank = planners["per_expert"].ranks[rank]
@@ -70,12 +68,12 @@ WORLD_2 = [
     (ParallelLayout(ep=2), False, {}),
     (ParallelLayout(tp=2), False, {}),
     (ParallelLayout(pp=2), False, {}),
-    (ParallelLayout(pp=2), True, {"first": 1}),
+    (ParallelLayout(pp=2, first_stage_layers=1), True, {}),
 ]
 WORLD_4 = [
     (ParallelLayout(tp=2, ep=2), False, {}),
     (ParallelLayout(pp=2, ep=2), True, {}),
-    (ParallelLayout(tp=2, pp=2), False, {"last": 1}),
+    (ParallelLayout(tp=2, pp=2, last_stage_layers=1), False, {}),
     (ParallelLayout(ep=2, etp=1, tp=2), False, {}),
 ]
 

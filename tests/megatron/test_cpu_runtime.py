@@ -52,25 +52,6 @@ def test_rng_tracker_streams_are_named_reproducible_and_isolated():
             pass
 
 
-def test_missing_transformer_engine_gemm_name_is_defined():
-    from megatron.core.transformer.moe import moe_utils
-
-    assert moe_utils.te_general_gemm is None
-
-
-def test_torch_norm_accepts_sequence_parallel_and_marks_weights():
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    cfg = TransformerConfig(
-        num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm",
-        tensor_model_parallel_size=2, sequence_parallel=True, use_cpu_initialization=True,
-    )
-    norm = WrappedTorchNorm(cfg, 8, eps=1e-6)
-    assert isinstance(norm, torch.nn.RMSNorm) and norm.eps == 1e-6
-    assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
-
-
 def test_pipeline_schedule_cuda_allocations_land_on_cpu():
     from megatron.core.pipeline_parallel import schedules
 
