@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -90,7 +91,7 @@ def verify(
         piece.spec.hf_name
         for piece in export_pieces([model], family, arch, dtype, imported.expert_layout)
         if piece.spec.hf_name not in absent_optional
-        and not torch.equal(piece.tensor, source.read(piece.spec.hf_name, piece.spec.region))
+        and not torch.equal(piece.tensor.cpu(), source.read(piece.spec.hf_name, piece.spec.region))
     ]
     report.differ = sorted(set(_gather_list(differ)))
     specs = export_specs([model], family, arch, dtype, imported.expert_layout)
@@ -141,6 +142,25 @@ def _coverage_problems(specs, expected: dict[str, tuple[int, ...]]) -> list[str]
     return sorted(extra | {name for name, c in counts.items() if not bool((c == 1).all())})
 
 
+def _init_distributed(device: str) -> None:
+    """One process: a free local port. Under torchrun: its rendezvous; on GPU each rank takes the device
+    LOCAL_RANK names, so the model, its inputs and NCCL's buffers live there."""
+    if "RANK" not in os.environ:  # a single process, not started by torchrun: a port nobody holds
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    else:
+        dist.init_process_group("gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bridges.verify", description=__doc__.split("\n")[0])
     parser.add_argument("hf_dir")
@@ -167,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        _init_distributed(args.device)
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
     try:
         report = verify(args.hf_dir, layout, args.sequences, args.seq_length, device=args.device)

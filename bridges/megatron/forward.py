@@ -20,13 +20,16 @@ def main_logits(model, input_ids: torch.Tensor, vocab_size: int, **inputs) -> to
 
     model = unwrap(model)
     config = model.config
+    device = next(model.parameters()).device  # the model's device (a GPU run: the current CUDA device)
+    input_ids = input_ids.to(device)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     batch, seq = input_ids.shape
-    position_ids = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     tp = ps.get_tensor_model_parallel_world_size()
     if not first:
         local_seq = seq // tp if config.sequence_parallel else seq
-        hidden = torch.empty(local_seq, batch, config.hidden_size, dtype=config.params_dtype)
+        hidden = torch.empty(local_seq, batch, config.hidden_size, dtype=config.params_dtype, device=device)
         dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(hidden)
     captured: list[torch.Tensor] = []
@@ -38,14 +41,14 @@ def main_logits(model, input_ids: torch.Tensor, vocab_size: int, **inputs) -> to
     model.eval()
     try:
         with torch.no_grad():
-            out = model(input_ids, position_ids, causal_attention_mask(seq), labels=labels, **inputs)
+            out = model(input_ids, position_ids, causal_attention_mask(seq, device=device), labels=labels, **inputs)
     finally:
         model.train(was_training)
         if hook is not None:
             hook.remove()
     if not last:
         dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-    logits = torch.empty(batch, seq, vocab_size, dtype=torch.float32)
+    logits = torch.empty(batch, seq, vocab_size, dtype=torch.float32, device=device)
     if last:
         local = captured[-1].float()  # [seq, batch, vocab / tp]
         shards = [torch.empty_like(local) for _ in range(tp)]
@@ -54,4 +57,4 @@ def main_logits(model, input_ids: torch.Tensor, vocab_size: int, **inputs) -> to
     if ps.get_pipeline_model_parallel_world_size() > 1:
         last_rank, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
         dist.broadcast(logits, src=last_rank, group=group)
-    return logits
+    return logits.cpu()
