@@ -67,8 +67,10 @@ def validate_config(cfg: DictConfig) -> None:
 
 def build_run(cfg: DictConfig):
     """Everything a run needs, validated before any process is started."""
+    import torch
     from hydra.utils import instantiate
 
+    from bridges.megatron import no_te
     from bridges.megatron.knobs import ModelKnobs
     from bridges.megatron.layout import ParallelLayout
     from recipes.strategy import DDPKnobs, MegatronStrategy
@@ -81,7 +83,9 @@ def build_run(cfg: DictConfig):
         precision = dtypes.default_precision(_device_type(cfg.trainer.accelerator))
     dtypes.params_dtype(precision)  # raises on an unknown name
 
+    on_gpu = _device_type(cfg.trainer.accelerator) == "cuda"
     knobs = ModelKnobs.from_config(OmegaConf.to_container(cfg.model))  # raises KnobError (a ValueError)
+    knobs.megatron_fields(on_gpu, no_te.use_te_layer_specs(on_gpu))  # settings that need TE, before launch
     ddp = DDPKnobs(**OmegaConf.to_container(cfg.ddp))
     hf_config_path = resolve_path(cfg.model.hf_config)
     module = module_class_for(hf_config_path)(  # vision-language families get their module
@@ -102,6 +106,7 @@ def build_run(cfg: DictConfig):
     world_size = devices * int(cfg.trainer.num_nodes)
     layout.check(world_size, module.arch.num_experts or 0, module.arch.num_layers, module.arch.expert_biases,
                  module.arch.tensor_parallel_heads)
+    check_model_settings(module, layout)
 
     data = instantiate(cfg.data)
     if data.path:
@@ -170,6 +175,17 @@ def _device_type(accelerator) -> str:
     if name in ("gpu", "cuda"):
         return "cuda"
     return cpu_runtime.default_device()
+
+
+def check_model_settings(module, layout) -> None:
+    """Megatron-Core's own checks of the model settings (knobs, overrides, layout), before any process starts."""
+    from bridges.megatron import build
+    from bridges.megatron.knobs import KnobError
+
+    try:
+        build.transformer_config(module.arch, layout, module.params_dtype, knobs=module.knobs)
+    except (ValueError, AssertionError, TypeError) as e:
+        raise KnobError(f"model settings (model.*, parallel.*): Megatron-Core refuses them: {e}") from None
 
 
 def warn_pipeline_bubble(micro_batches: int, pp: int) -> None:

@@ -9,6 +9,7 @@ renamed into place only when complete. Decisions use step counts only, so every 
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import math
@@ -73,6 +74,7 @@ class HFExportCallback(pl.Callback):
         on_error: str = "raise",
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         recipe: str | None = None,
+        group_timeout_minutes: float = 120.0,
     ):
         if on_error not in ("raise", "warn"):
             raise ValueError(f"hf_export.on_error must be 'raise' or 'warn', got {on_error!r}")
@@ -80,6 +82,8 @@ class HFExportCallback(pl.Callback):
             raise ValueError(f"hf_export.mode must be 'owner' or 'gather', got {mode!r}")
         if dtype is not None and dtype not in EXPORT_DTYPES:
             raise ValueError(f"hf_export.dtype must be one of {sorted(EXPORT_DTYPES)} or null, got {dtype!r}")
+        if not group_timeout_minutes or group_timeout_minutes <= 0:
+            raise ValueError(f"hf_export.group_timeout_minutes must be > 0, got {group_timeout_minutes}")
         if keep_last_k is not None and keep_last_k < 1:
             raise ValueError(f"hf_export.keep_last_k must be >= 1 or null, got {keep_last_k}")
         self.dirpath = dirpath
@@ -93,6 +97,7 @@ class HFExportCallback(pl.Callback):
         self.on_error = on_error
         self.max_shard_bytes = max_shard_bytes
         self.recipe = recipe
+        self.group_timeout = datetime.timedelta(minutes=group_timeout_minutes)
         self._group = None
         self._thread: threading.Thread | None = None
         self._job: _Job | None = None
@@ -106,7 +111,8 @@ class HFExportCallback(pl.Callback):
     def on_fit_start(self, trainer, pl_module):
         self.dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "hf")
         # Writing collectives run beside training: a group of their own, created by every rank.
-        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        # Its timeout bounds how long a rank waits for the slowest writer of a large export.
+        self._group = dist.new_group(backend="gloo", timeout=self.group_timeout) if dist.is_initialized() else None
         self.run_id = self._rank0_value(trainer, uuid.uuid4().hex[:12])  # staging names agree on every rank
         error = None
         if trainer.global_rank == 0:
