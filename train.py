@@ -12,6 +12,8 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
+# Megatron-Core orders tensor-parallel communication and compute on one CUDA queue (before CUDA starts).
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 # `${if_null:a,b}`: a unless it is null, else b (recipes default model.hf_config to the import source).
 OmegaConf.register_new_resolver("if_null", lambda value, default: default if value is None else value, replace=True)
