@@ -2,7 +2,8 @@
 
 1. train 4 steps (bf16 on GPU) with an async HF export every 2 steps and a Lightning checkpoint;
 2. resume that checkpoint for 2 more steps;
-3. import the step-4 export with lr=1e-12 and export again: every tensor equals the source's;
+3. import the step-4 export, train 1 step at lr=1e-12 and export again: every tensor equals the source's
+   (bit for bit, but for weights within ~lr of zero, which one Adam step can move by lr);
 4. `python -m bridges.verify` under torchrun on the export: bit-exact round trip, logits vs transformers.
 Processes: every GPU of the node (up to 8; experts spread over them), 2 on CPU. tests/gpu/test_gpu.py runs
 the same checks under pytest.
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import time
 
+LR = 1e-12  # the import check's learning rate
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -71,15 +73,24 @@ class Smoke:
 
         source = os.path.join(self.run, "hf", "step_4")
         again = os.path.join(self.work, "again")
-        self._train(again, f"hf_import.path={source}", "trainer.max_steps=5", "optim.lr=1e-12", "optim.min_lr=1e-12",
-                    "optim.warmup_steps=0")
+        self._train(again, f"hf_import.path={source}", "trainer.max_steps=5", f"optim.lr={LR}", f"optim.min_lr={LR}",
+                    "optim.warmup_steps=0",
+                    # GLM-4.5's router bias moves by its own update rate, not by the optimizer: held still.
+                    "+model.overrides.moe_router_bias_update_rate=0")
         target = os.path.join(again, "hf", "step_5")
         tensors = _tensors(source, safe_open)
         exported = _tensors(target, safe_open)
         assert tensors.keys() == exported.keys(), sorted(set(tensors) ^ set(exported))[:5]
-        differ = [n for n in tensors if not tensors[n].equal(exported[n])]
-        assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
-        return f"{len(tensors)} tensors bit-identical after import + 1 step at lr=1e-12"
+        # One Adam step moves a weight by about lr at most: only weights within ~lr of zero can change at all.
+        moved = {n: (tensors[n].float() - exported[n].float()).abs().max().item() for n in tensors}
+        wrong = {n: d for n, d in moved.items() if d > 2 * LR}
+        assert not wrong, f"{len(wrong)} tensors differ by more than the step can move them, e.g. {list(wrong.items())[:3]}"
+        same = sum(d == 0 for d in moved.values())
+        elements = sum(t.numel() for t in tensors.values())
+        changed = sum(int((tensors[n] != exported[n]).sum()) for n in tensors)
+        assert changed <= elements // 100, f"{changed} of {elements} elements changed"
+        return (f"{len(tensors)} tensors back: {same} bit-identical, the rest within {2 * LR:g} "
+                f"({changed} of {elements} elements, all near zero)")
 
     def verify(self) -> str:
         n = self.procs
