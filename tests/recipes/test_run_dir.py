@@ -68,3 +68,20 @@ def test_torchrun_without_run_dir_gives_one_directory_with_the_export(tmp_path):
     assert (run / "hf" / "step_2" / "config.json").is_file()
     assert (run / "hf" / "latest").read_text().strip() == "step_2"
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "metrics.json").is_file()
+
+
+def test_slurm_launcher_config_composes_one_task_per_gpu():
+    """conf/hydra/launcher/slurm.yaml with hydra-submitit-launcher (the `slurm` extra) installed."""
+    import pytest
+
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    import train  # noqa: F401 (our resolvers)
+
+    with initialize_config_dir(config_dir=f"{ROOT}/conf", version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["recipe=glm45", "hydra/launcher=slurm", "trainer.devices=8", "trainer.num_nodes=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
