@@ -1,7 +1,8 @@
 """Transformer Engine layer specs map through every family's rules: a model built from Megatron-Core's own
 TE specs (stand-in TE modules, see te_standins.py) names its parameters as TE does (fused
 `linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_weight`, TEGroupedMLP `linear_fc1.weight<i>`),
-and import -> export through those names reproduces the HF checkpoint bit for bit."""
+and import -> export through those names reproduces the HF checkpoint bit for bit, for every family
+(GLM-4.5, GPT-OSS, Qwen3-MoE, Qwen3-VL-MoE, GLM-4.5V)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tests.bridges.glm45_tiny import make_checkpoint as glm45_checkpoint
 from tests.bridges.gpt_oss_tiny import make_checkpoint as gpt_oss_checkpoint
 from tests.bridges.qwen3_moe_tiny import MAIN as QWEN3_MOE_TINY
 from tests.bridges.qwen3_moe_tiny import make_checkpoint as qwen3_moe_checkpoint
+from tests.bridges import vlm_tiny
 from tests.launcher import run_distributed
 
 
@@ -23,6 +25,9 @@ def checkpoints(tmp_path_factory):
                          ("qwen3_moe", lambda d: qwen3_moe_checkpoint(d, **QWEN3_MOE_TINY))):
         make(str(root / family))
         out[family] = str(root / family)
+    for family in ("qwen3_vl_moe", "glm4v_moe"):  # vision-language: the language model's names under TE
+        vlm_tiny.make_checkpoint(str(root / family), family, vlm_tiny.FAMILIES[family][1][0])
+        out[family] = str(root / family)
     return out
 
 
@@ -32,6 +37,7 @@ def te_round_trips(directories, layouts_of):
     from bridges.export import export_pieces
     from bridges.load import import_weights
     from bridges.megatron import build, parallel
+    from bridges.megatron.vlm import build_vlm_model
     from bridges.models import family_for
     from bridges.safetensors_io import SafetensorsCheckpoint
     from tests.megatron.te_standins import use_te_layer_specs
@@ -44,7 +50,8 @@ def te_round_trips(directories, layouts_of):
             family = family_for(config)
             arch = family.architecture(config)
             parallel.initialize(layout)
-            model = build.build_gpt_model(arch, layout)
+            vision = family_name in ("qwen3_vl_moe", "glm4v_moe")
+            model = (build_vlm_model if vision else build.build_gpt_model)(arch, layout)
             names = [n for n in model.state_dict() if not n.endswith("_extra_state")]
             source = SafetensorsCheckpoint(directory)
             report = import_weights([model], family, arch, source, config=config)
@@ -60,7 +67,8 @@ def test_te_layer_spec_names_round_trip_for_every_family(checkpoints):
     # GLM-4.5: expert weights split over expert-TP 2; the others: TP 2 with experts over EP 2 (Megatron-Core
     # takes GPT-OSS's expert biases only at expert-TP 1).
     layouts_of = {"glm45": [ParallelLayout(tp=2)], "qwen3_moe": [ParallelLayout(tp=2, ep=2, etp=1)],
-                  "gpt_oss": [ParallelLayout(tp=2, ep=2, etp=1)]}
+                  "gpt_oss": [ParallelLayout(tp=2, ep=2, etp=1)], "qwen3_vl_moe": [ParallelLayout(ep=2)],
+                  "glm4v_moe": [ParallelLayout(tp=2)]}
     results = run_distributed(2, te_round_trips, checkpoints, layouts_of)
     for rank_results in results:
         for family, layout, names, loaded, differ in rank_results:
@@ -70,7 +78,7 @@ def test_te_layer_spec_names_round_trip_for_every_family(checkpoints):
             assert not any(n.endswith("input_layernorm.weight") for n in names), where  # fused into linear_qkv
             assert any(".mlp.experts.linear_fc1.weight" in n for n in names), where  # TEGroupedMLP
             assert not any(".local_experts." in n for n in names), where
-            if family == "glm45":  # its dense first layer fuses the pre-MLP norm into linear_fc1
+            if family in ("glm45", "glm4v_moe"):  # the dense first layer fuses the pre-MLP norm into linear_fc1
                 assert any(n.endswith("mlp.linear_fc1.layer_norm_weight") for n in names), where
             if family == "gpt_oss":  # expert biases per GEMM
                 assert any(".mlp.experts.linear_fc1.bias" in n for n in names), where
