@@ -16,7 +16,7 @@ import torch
 from bridges.export import family_ruleset, owned_pieces
 from bridges.local_params import EMBEDDING, OUTPUT, Ranks
 from bridges.megatron.build import GPTArchitecture
-from bridges.megatron.layout import LayoutError, ParallelLayout, stage_layers  # noqa: F401 (re-exported)
+from bridges.megatron.layout import ParallelLayout, stage_layers  # noqa: F401 (stage_layers re-exported)
 from bridges.pieces import PieceSpec
 from bridges.rules import Rule, RuleSet
 from bridges.vision_tower import MEGATRON_PREFIX as VISION_PREFIX
