@@ -55,10 +55,11 @@ def test_ranks_agree_on_rank_zeros_stamp_and_torch_distributed_starts_after():
 
 
 def test_torchrun_without_run_dir_gives_one_directory_with_the_export(tmp_path):
-    """`torchrun --nproc-per-node 2 train.py` (no hydra.run.dir, devices=auto): one run directory."""
+    """`torchrun --nproc-per-node 2 train.py` (no hydra.run.dir, devices=auto): one run directory. (`--standalone`:
+    a free rendezvous port, not 29500, which another run on this machine may hold.)"""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc-per-node", "2", os.path.join(ROOT, "train.py"), "recipe=glm45", "trainer.max_steps=2",
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", os.path.join(ROOT, "train.py"), "recipe=glm45", "trainer.max_steps=2",
            "trainer.devices=auto", "~callbacks.progress"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
