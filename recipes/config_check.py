@@ -37,6 +37,12 @@ def check_config(cfg: DictConfig, precisions: Iterable[str], export_dtypes: Iter
     for key in ("parallel.tp", "parallel.pp", "parallel.ep"):
         c.integer(key, minimum=1)
     c.integer("parallel.etp", minimum=1, none=True)
+    for key in ("parallel.first_stage_layers", "parallel.last_stage_layers", "parallel.virtual_stages"):
+        c.integer(key, minimum=1, none=True)  # their fit to the model: ParallelLayout.check in build_run
+    if c.get("ddp", None) is not None:  # the rest of model.* / ddp.*: knobs.check and DDPKnobs in build_run
+        c.boolean("ddp.overlap_grad_reduce")
+        c.boolean("ddp.overlap_param_gather")
+        c.integer("ddp.bucket_size", minimum=1, none=True)
 
     devices = c.get("trainer.devices")
     if devices != "auto":
@@ -90,6 +96,7 @@ def check_config(cfg: DictConfig, precisions: Iterable[str], export_dtypes: Iter
         c.boolean("hf_export.mtp_passthrough")
         c.choice("hf_export.mode", EXPORT_MODES)
         c.choice("hf_export.on_error", ON_ERROR)
+        c.number("hf_export.group_timeout_minutes", minimum=0.0, above_minimum=True)
 
 
 class _Checker:

@@ -22,6 +22,9 @@ def _compose(*overrides):
     (["parallel.pp=2", "parallel.ep=1", "parallel.first_stage_layers=3", "parallel.last_stage_layers=3"],
      "parallel.first_stage_layers=3, parallel.last_stage_layers=3"),
     (["parallel.pp=1", "parallel.first_stage_layers=1"], "parallel.first_stage_layers=1 needs parallel.pp > 1"),
+    (["parallel.first_stage_layers=0"], "parallel.first_stage_layers: must be >= 1"),
+    (["ddp.overlap_grad_reduce=maybe"], "ddp.overlap_grad_reduce: expected true or false"),
+    (["hf_export.group_timeout_minutes=0"], "hf_export.group_timeout_minutes: must be > 0"),
     (["parallel.virtual_stages=2"], "parallel.virtual_stages=2: the interleaved pipeline schedule"),
     (["ddp.overlap_param_gather=true"], "ddp.overlap_param_gather=true needs ddp.overlap_grad_reduce=true"),
     # Megatron-Core's own checks run before launch too.
@@ -30,8 +33,10 @@ def _compose(*overrides):
 def test_bad_knobs_stop_before_launch_naming_the_key(overrides, message):
     import train
 
+    cfg = _compose(*overrides)
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
-        train.build_run(_compose(*overrides))
+        train.validate_config(cfg)  # types and ranges first, then what needs the model
+        train.build_run(cfg)
 
 
 def test_knobs_reach_the_transformer_config():
