@@ -40,7 +40,7 @@ def test_bad_knobs_stop_before_launch_naming_the_key(overrides, message):
 
 
 def test_knobs_reach_the_transformer_config():
-    from bridges.megatron import build
+    from bridges.megatron import build, cpu_runtime
     from bridges.megatron.knobs import ModelKnobs
     from bridges.megatron.layout import ParallelLayout
     from bridges.models import glm45
@@ -52,6 +52,7 @@ def test_knobs_reach_the_transformer_config():
     from omegaconf import OmegaConf
 
     knobs = ModelKnobs.from_config(OmegaConf.to_container(cfg.model))
+    cpu_runtime.enable()  # a CPU run, as the strategy decides from its root device
     arch = glm45.architecture({**tiny_config().to_dict(), "model_type": "glm4_moe"})
     layout = ParallelLayout(**OmegaConf.to_container(cfg.parallel))
     config = build.transformer_config(arch, layout, torch.float32, knobs=knobs)
