@@ -46,7 +46,9 @@ def devices_per_node(devices, accelerator: str) -> int:
         return int(os.environ["SLURM_NTASKS_PER_NODE"])
     import torch
 
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+    from bridges.megatron.cpu_runtime import default_device
+
+    if accelerator in ("gpu", "cuda", "auto") and default_device() == "cuda":
         return torch.cuda.device_count()
     return 1
 
