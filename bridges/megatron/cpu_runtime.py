@@ -1,15 +1,12 @@
 """Lets Megatron-Core 0.16 run on CPU with gloo (development, CI, the embedded default).
 
-Every CPU compatibility step for Megatron-Core lives here and nowhere else. The run's accelerator decides:
+Every CPU compatibility step for Megatron-Core lives here and nowhere else (what Transformer Engine's absence
+needs, on GPU as on CPU, is in no_te.py). The run's accelerator decides:
 `enable()` is called when the run's device is the CPU (the Lightning strategy's root device, or verify's
 `--device`), never because CUDA is absent, so GPU runs use Megatron-Core unchanged. Steps:
 - `torch.cuda.current_device()` answers "cpu" (Megatron allocates buffers on it) and
   `Tensor.cuda()` leaves a tensor on the CPU;
 - a CPU RNG tracker replaces the CUDA one (model-parallel / expert-parallel RNG streams);
-- Transformer Engine's GEMM name, absent without TE, is defined as None for the MoE router;
-- the torch norm wrapper accepts sequence parallelism (needed for MoE with TP > 1) and marks
-  its weights `sequence_parallel` so their gradients are reduced over the TP group; with
-  `layernorm_zero_centered_gamma` it builds an RMSNorm that scales by (1 + weight);
 - Gated DeltaNet runs on torch alone: Megatron-Core's `torch_chunk_gated_delta_rule` and a torch L2 norm stand
   in for flash-linear-attention's kernels (its convolution already falls back to torch without causal-conv1d);
 - the pipeline schedules' hard-coded `device="cuda"` allocations land on the CPU, and
@@ -48,8 +45,6 @@ def enable() -> None:
         return
     _patch_current_device()
     _patch_rng_tracker()
-    _patch_missing_kernel_names()
-    _patch_torch_norm_for_sequence_parallel()
     _patch_pipeline_schedules()
     _patch_sliding_window_mask()
     _patch_gated_delta_net()
@@ -118,50 +113,6 @@ def _patch_rng_tracker() -> None:
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     mrandom.initialize_rng_tracker(force_reset=True)
-
-
-def _patch_missing_kernel_names() -> None:
-    # moe_utils refers to Transformer Engine's GEMM by name even when TE is absent.
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
-def _patch_torch_norm_for_sequence_parallel() -> None:
-    from megatron.core.transformer import torch_norm
-
-    def new(cls, config, hidden_size, eps=1e-5, **_unused):
-        if config.normalization == "RMSNorm" and config.layernorm_zero_centered_gamma:
-            norm = ZeroCenteredRMSNorm(hidden_size, eps=eps)
-        elif config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
-        elif config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
-        else:
-            raise ValueError(f"CPU runtime: unsupported normalization {config.normalization!r}")
-        # Replicated weights applied to a TP-split sequence: grads must be summed over TP.
-        for param in norm.parameters():
-            param.sequence_parallel = bool(config.sequence_parallel)
-        return norm
-
-    torch_norm.WrappedTorchNorm.__new__ = new
-
-
-class ZeroCenteredRMSNorm(torch.nn.Module):
-    """RMSNorm scaling by (1 + weight), weight initialised to zero (Megatron's `layernorm_zero_centered_gamma`,
-    Transformer Engine's `zero_centered_gamma`); computed in fp32 like transformers' Qwen3.5 / Qwen3-Next norm."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        # contiguous like torch.nn.RMSNorm's output, whatever the input's strides (the MoE router views it)
-        return (y * (1.0 + self.weight.float())).type_as(x).contiguous()
 
 
 def _patch_gated_delta_net() -> None:

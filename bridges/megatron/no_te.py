@@ -4,7 +4,8 @@ Keyed on Megatron-Core's own `HAVE_TE`, never on the device (CPU-only steps live
 - without TE, `moe_utils` names TE's GEMM in the router without importing it: defined as None, so the
   router takes its torch path;
 - the torch norm of the local spec accepts sequence parallelism (MoE with TP > 1) and marks its weights
-  `sequence_parallel`, so their gradients are summed over the TP group (TE's norms do this themselves).
+  `sequence_parallel`, so their gradients are summed over the TP group (TE's norms do this themselves), and
+  builds an RMSNorm scaling by (1 + weight) for `layernorm_zero_centered_gamma` (Qwen3.5).
 With TE, the TE layer specs are used on GPU (`use_te_layer_specs`) and grouped expert GEMMs go to
 TEGroupedMLP; the legacy GroupedMLP (the `grouped_gemm` package, weights no rule maps) is never picked.
 """
@@ -47,7 +48,36 @@ def _define_missing_te_gemm() -> None:
 
 
 def _torch_norm_for_sequence_parallel() -> None:
-    # One implementation of the SP-capable torch norm (zero-centred gamma included), shared with the CPU runtime.
-    from bridges.megatron.cpu_runtime import _patch_torch_norm_for_sequence_parallel
+    from megatron.core.transformer import torch_norm
 
-    _patch_torch_norm_for_sequence_parallel()
+    def new(cls, config, hidden_size, eps=1e-5, **_unused):
+        if config.normalization == "RMSNorm" and config.layernorm_zero_centered_gamma:
+            norm = ZeroCenteredRMSNorm(hidden_size, eps=eps)
+        elif config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        else:
+            raise ValueError(f"torch norm: unsupported normalization {config.normalization!r}")
+        # Replicated weights applied to a TP-split sequence: grads must be summed over TP.
+        for param in norm.parameters():
+            param.sequence_parallel = bool(config.sequence_parallel)
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = new
+
+
+class ZeroCenteredRMSNorm(torch.nn.Module):
+    """RMSNorm scaling by (1 + weight), weight initialised to zero (Megatron's `layernorm_zero_centered_gamma`,
+    Transformer Engine's `zero_centered_gamma`); computed in fp32 like transformers' Qwen3.5 / Qwen3-Next norm."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        # contiguous like torch.nn.RMSNorm's output, whatever the input's strides (the MoE router views it)
+        return (y * (1.0 + self.weight.float())).type_as(x).contiguous()
