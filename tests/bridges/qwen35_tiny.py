@@ -12,11 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from tests.bridges.glm45_tiny import _randomise, fuse_experts
 
-VOCAB = 126
-IMAGE, VIDEO, START, END = 120, 121, 122, 123
-PATCH, TEMPORAL, MERGE = 4, 2, 2
-GRID = (1, 4, 4)  # one image: 16 patches, 4 image tokens after the 2 x 2 merge
-PIXELS_PER_PATCH = 3 * TEMPORAL * PATCH * PATCH
+# The vocabulary, image token ids, patch sizes and model inputs of the other vision-language tiny models.
+from tests.bridges.vlm_tiny import END, IMAGE, MERGE, PATCH, START, TEMPORAL, VIDEO, VOCAB, inputs
+
 EXPERTS = 4
 
 # two Gated DeltaNet layers, then gated attention, twice: both layer kinds on each of two pipeline stages
@@ -114,20 +112,6 @@ def _mtp_tensors(config, seed: int) -> dict[str, torch.Tensor]:
         "mtp.norm.weight": 0.1 * torch.randn(h, generator=gen),
     })
     return out
-
-
-def inputs(seed: int = 7) -> dict[str, torch.Tensor]:
-    """Two sequences of 16 tokens, each with one image (start, 4 image tokens, end) at a different place."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, IMAGE, (2, 16), generator=gen)
-    for row, at in ((0, 2), (1, 9)):
-        ids[row, at : at + 6] = torch.tensor([START, IMAGE, IMAGE, IMAGE, IMAGE, END])
-    patches = GRID[0] * GRID[1] * GRID[2]
-    return {
-        "input_ids": ids,
-        "pixel_values": torch.randn(2 * patches, PIXELS_PER_PATCH, generator=gen),
-        "image_grid_thw": torch.tensor([GRID, GRID]),
-    }
 
 
 def transformers_logits(directory: str, images: bool) -> torch.Tensor:
