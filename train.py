@@ -244,7 +244,7 @@ def main(cfg: DictConfig) -> None:
     quiet_libraries()
 
     from bridges.errors import debug
-    from bridges.hf_config import HFConfigError
+    from bridges.checkpoint.hf_config import HFConfigError
     from bridges.megatron.layout import LayoutError
     from recipes.data import DataConfigError
 

@@ -82,15 +82,15 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
     from safetensors.torch import load_file, save_file
 
     import callbacks.hf_export as hf_export_module
-    from bridges.export import export_pieces, export_specs, hf_tensor_specs
-    from bridges.export_writer import write_checkpoint
+    from bridges.export.specs import export_pieces, export_specs, hf_tensor_specs
+    from bridges.export.writer import write_checkpoint
     from bridges.load import import_weights
-    from bridges.local_params import local_params
+    from bridges.rules.local_params import local_params
     from bridges.megatron import build, parallel
     from bridges.megatron.layout import ParallelLayout
     from bridges.models import glm45
-    from bridges.piece_bytes import piece_nbytes
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.piece_bytes import piece_nbytes
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
     from callbacks.hf_export import HFExportCallback
     from memory import PeakRSS
 

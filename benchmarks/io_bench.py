@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bridges.export_writer import write_checkpoint  # noqa: E402
-from bridges.pieces import Piece, PieceSpec, full_region  # noqa: E402
-from bridges.safetensors_io import SafetensorsCheckpoint  # noqa: E402
+from bridges.export.writer import write_checkpoint  # noqa: E402
+from bridges.checkpoint.pieces import Piece, PieceSpec, full_region  # noqa: E402
+from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint  # noqa: E402
 
 
 def model_like_tensors(total_mb: int) -> dict[str, torch.Tensor]:

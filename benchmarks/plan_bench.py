@@ -1,5 +1,5 @@
 """The export plan of the real GLM-4.5 (355B) at training layouts of 32 and 256 ranks, from metadata alone:
-pieces, files, the busiest rank against the mean, and the CPU time it takes (bridges/virtual_ranks.py).
+pieces, files, the busiest rank against the mean, and the CPU time it takes (bridges/export/virtual_ranks.py).
 
     python benchmarks/plan_bench.py [--out docs/benchmarks_plan.json]
 
@@ -21,14 +21,14 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from bridges.export import hf_tensor_specs  # noqa: E402
-from bridges.export_coverage import check_coverage  # noqa: E402
-from bridges.export_plan import plan_files  # noqa: E402
-from bridges.export_writer import DEFAULT_MAX_SHARD_BYTES, _plan_merges  # noqa: E402
+from bridges.export.specs import hf_tensor_specs  # noqa: E402
+from bridges.export.coverage import check_coverage  # noqa: E402
+from bridges.export.plan import plan_files  # noqa: E402
+from bridges.export.writer import DEFAULT_MAX_SHARD_BYTES, _plan_merges  # noqa: E402
 from bridges.megatron.layout import ParallelLayout  # noqa: E402
 from bridges.models import glm45  # noqa: E402
-from bridges.piece_bytes import piece_nbytes  # noqa: E402
-from bridges.virtual_ranks import LayoutPlanner  # noqa: E402
+from bridges.checkpoint.piece_bytes import piece_nbytes  # noqa: E402
+from bridges.export.virtual_ranks import LayoutPlanner  # noqa: E402
 from tests.bridges.test_full_scale_plan import GLM45_355B  # noqa: E402
 
 LAYOUTS = [  # (name, layout, world size, uneven pipeline stages)

@@ -15,7 +15,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bridges.export_writer import DEFAULT_BATCH_BYTES  # noqa: E402
+from bridges.export.writer import DEFAULT_BATCH_BYTES  # noqa: E402
 
 GB = 1e9
 MB = 1e6
@@ -188,7 +188,7 @@ def markdown(figures: dict, plan: dict | None, png: str | None) -> str:
                               f"{p.get('checks_cpu_seconds', float('nan')):.1f}"])
         md += _section(
             "GLM-4.5 355B: the export plan at full scale, without weights",
-            "bridges/virtual_ranks.py enumerates every rank's parameters from the architecture and the layout and "
+            "bridges/export/virtual_ranks.py enumerates every rank's parameters from the architecture and the layout and "
             "asks the export's own ownership rule for its pieces; then the coverage check (every byte of every HF "
             "tensor written by exactly one rank, no overlaps), the file plan and the plan of merged tensors "
             "(row-parallel shards sent to one rank of their TP group, in an order every rank can follow) run as "

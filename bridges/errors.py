@@ -13,15 +13,15 @@ def debug() -> bool:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from bridges.export_dir import ExportDirError
-    from bridges.files import CheckpointFileError
-    from bridges.hf_config import HFConfigError
+    from bridges.export.directory import ExportDirError
+    from bridges.checkpoint.files import CheckpointFileError
+    from bridges.checkpoint.hf_config import HFConfigError
     from bridges.load import CheckpointMismatch
     from bridges.megatron.layout import LayoutError
-    from bridges.mxfp4 import MXFP4Error
+    from bridges.checkpoint.mxfp4 import MXFP4Error
     from bridges.rank_status import RankFailure
-    from bridges.safetensors_format import SafetensorsFormatError
-    from bridges.safetensors_io import CheckpointError
+    from bridges.checkpoint.safetensors_format import SafetensorsFormatError
+    from bridges.checkpoint.safetensors_io import CheckpointError
 
     return (ExportDirError, CheckpointFileError, HFConfigError, CheckpointMismatch, LayoutError, MXFP4Error, RankFailure,
             SafetensorsFormatError, CheckpointError)

@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from bridges import mxfp4
-from bridges.hf_config import HFConfigError
-from bridges.local_params import Ranks, local_params
-from bridges.megatron.build import GPTArchitecture
+from bridges.checkpoint import mxfp4
+from bridges.checkpoint.hf_config import HFConfigError
+from bridges.rules.local_params import Ranks, local_params
+from bridges.architecture import GPTArchitecture
 from bridges.models import family_module
-from bridges.pieces import HFSource, region_shape
+from bridges.checkpoint.pieces import HFSource, region_shape
 from bridges.rank_status import global_rank, group_rank_and_size
-from bridges.rules import RuleSet
-from bridges.sharding import ShardingError
+from bridges.rules.rule import RuleSet
+from bridges.rules.sharding import ShardingError
 
 _SHOWN_ERRORS = 30
 
@@ -53,7 +53,7 @@ def import_weights(
 
     `dtype`: the checkpoint dtype the tensors must have (None: the dtype most of them have).
     `config`: the checkpoint's config.json, checked against `arch` when given.
-    MXFP4 tensors (`X_blocks` / `X_scales`) are read as X, dequantized region by region (bridges/mxfp4.py).
+    MXFP4 tensors (`X_blocks` / `X_scales`) are read as X, dequantized region by region (bridges/checkpoint/mxfp4.py).
     Raises `CheckpointMismatch` on every rank when any rank finds a problem.
     """
     ranks = ranks or Ranks.current()

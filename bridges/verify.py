@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from bridges import hf_config as hfc
-from bridges import mxfp4
-from bridges.export import export_specs, export_pieces
+from bridges.checkpoint import hf_config as hfc
+from bridges.checkpoint import mxfp4
+from bridges.export.specs import export_specs, export_pieces
 from bridges.load import import_weights
 from bridges.megatron import build, cpu_runtime, parallel
 from bridges.megatron.forward import main_logits
 from bridges.megatron.layout import ParallelLayout
 from bridges.errors import debug, user_errors
 from bridges.models import family_for, family_module
-from bridges.pieces import region_shape
-from bridges.safetensors_io import SafetensorsCheckpoint
-from bridges.vision_tower import VisionTower
+from bridges.checkpoint.pieces import region_shape
+from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
+from bridges.rules.vision_tower import VisionTower
 
 
 @dataclass

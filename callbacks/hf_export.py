@@ -26,13 +26,13 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
-from bridges import export_dir
-from bridges.export import export_pieces, export_specs, hf_tensor_specs
-from bridges.export_writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
-from bridges.hf_config import dtype_name
-from bridges.pieces import Piece, PieceSpec, full_region
+from bridges.export import directory as export_dir
+from bridges.export.specs import export_pieces, export_specs, hf_tensor_specs
+from bridges.export.writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
+from bridges.checkpoint.hf_config import dtype_name
+from bridges.checkpoint.pieces import Piece, PieceSpec, full_region
 from bridges.rank_status import agree, first_failure
-from bridges.safetensors_io import SafetensorsCheckpoint
+from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 from callbacks.progress import say
 
 EXPORT_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

@@ -14,11 +14,11 @@ import time
 import lightning.pytorch as pl
 import torch
 
-from bridges import hf_config
-from bridges.files import CheckpointFileError, check_regular_file
+from bridges.checkpoint import hf_config
+from bridges.checkpoint.files import CheckpointFileError, check_regular_file
 from bridges.load import import_weights
 from bridges.rank_status import first_failure
-from bridges.safetensors_io import SafetensorsCheckpoint
+from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 from callbacks.progress import say
 from callbacks.hf_source import ImportedSource, companion_files, mtp_tensor_names
 

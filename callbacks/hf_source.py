@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from bridges.files import contained_regular_file
+from bridges.checkpoint.files import contained_regular_file
 
 # Files of an HF model directory that travel with every export (tokenizer and generation settings).
 COMPANION_FILES = (
@@ -41,7 +41,7 @@ class ImportedSource:
 
 def companion_files(directory: str) -> list[tuple[str, str]]:
     """(name, resolved path) of the companion files present in `directory`, each a regular file inside it
-    after following links (hub-cache blobs count as inside); raises `bridges.files.CheckpointFileError`
+    after following links (hub-cache blobs count as inside); raises `bridges.checkpoint.files.CheckpointFileError`
     for any other."""
     return [(n, contained_regular_file(directory, n)) for n in COMPANION_FILES
             if os.path.lexists(os.path.join(directory, n))]

@@ -14,7 +14,8 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
-from bridges import dtypes, hf_config
+from bridges import dtypes
+from bridges.checkpoint import hf_config
 from bridges.megatron import build
 from bridges.megatron.knobs import ModelKnobs
 from bridges.models import family_for

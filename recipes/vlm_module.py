@@ -7,9 +7,9 @@ tower's weights are ordinary parameters of the model under `vision.`, which the 
 
 from __future__ import annotations
 
-from bridges import hf_config
+from bridges.checkpoint import hf_config
 from bridges.models import family_for
-from bridges.vision_tower import VisionTower
+from bridges.rules.vision_tower import VisionTower
 from recipes.module import MegatronGPTModule
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bridges.local_params import unwrap
+from bridges.rules.local_params import unwrap
 from bridges.megatron.build import causal_attention_mask
 
 

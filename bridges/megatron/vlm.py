@@ -16,7 +16,7 @@ from megatron.core.models.gpt import GPTModel
 
 from bridges.megatron import build
 from bridges.megatron.mrope import mrope_position_ids
-from bridges.vision_tower import VisionTower
+from bridges.rules.vision_tower import VisionTower
 
 
 class VisionLanguageModel(GPTModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from bridges.hf_config import HFConfigError
+from bridges.checkpoint.hf_config import HFConfigError
 from bridges.models import glm45, glm45v, gpt_oss, qwen3_5_moe, qwen3_5_moe_text, qwen3_moe, qwen3_vl_moe
 
 FAMILIES: dict[str, ModuleType] = {

@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from bridges import hf_config as hfc
-from bridges.local_params import EMBEDDING, MTP_INNER, OUTPUT
-from bridges.megatron.build import GPTArchitecture
-from bridges.rules import (  # noqa: F401 - EXPERT_LAYOUTS, FUSED, detect_expert_layout: the family interface
-    EXPERT_LAYOUTS, FUSED, PER_EXPERT, Ignore, Rule, RuleSet, attention, detect_expert_layout, gated_mlp,
-    routed_experts, same,
+from bridges.checkpoint import hf_config as hfc
+from bridges.rules.local_params import EMBEDDING, MTP_INNER, OUTPUT
+from bridges.architecture import GPTArchitecture
+from bridges.rules.groups import (  # noqa: F401 - EXPERT_LAYOUTS, FUSED, detect_expert_layout: the family interface
+    EXPERT_LAYOUTS, FUSED, PER_EXPERT, attention, detect_expert_layout, gated_mlp, routed_experts,
 )
-from bridges.sharding import COLUMN, vocab_parallel
+from bridges.rules.rule import Ignore, Rule, RuleSet, same
+from bridges.rules.sharding import COLUMN, vocab_parallel
 
 MODEL_TYPE = "glm4_moe"
 

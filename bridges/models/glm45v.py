@@ -13,12 +13,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from bridges import hf_config as hfc
-from bridges import vlm_config
-from bridges.megatron.build import GPTArchitecture, MRoPE
+from bridges.checkpoint import hf_config as hfc
+from bridges.checkpoint import vlm_config
+from bridges.architecture import GPTArchitecture, MRoPE
 from bridges.models import glm45
-from bridges.rules import EXPERT_LAYOUTS, PER_EXPERT, RuleSet, detect_expert_layout  # noqa: F401 - family interface
-from bridges.vision_tower import VisionTower
+from bridges.rules.groups import EXPERT_LAYOUTS, PER_EXPERT, detect_expert_layout  # noqa: F401 - family interface
+from bridges.rules.rule import RuleSet  # noqa: F401 - family interface
+from bridges.rules.vision_tower import VisionTower
 
 MODEL_TYPE = "glm4v_moe"
 TEXT = "model.language_model."

@@ -4,7 +4,7 @@ Every layer is MoE (softmax top-k router with bias, no shared experts); attentio
 a learnable sink per head (Megatron's learnable softmax offset) and a sliding window on the layers
 `layer_types` marks `sliding_attention`; YaRN rotary scaling. Experts apply a clamped SwiGLU:
 gate.clamp(max=limit) * sigmoid(alpha * gate) * (up.clamp(-limit, limit) + 1). HF stores experts fused
-`[E, in, out]` with gate/up interleaved; released checkpoints hold them as MXFP4 (read by bridges/mxfp4.py).
+`[E, in, out]` with gate/up interleaved; released checkpoints hold them as MXFP4 (read by bridges/checkpoint/mxfp4.py).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from bridges import hf_config as hfc
-from bridges.local_params import EMBEDDING, OUTPUT
-from bridges.megatron.build import GPTArchitecture, YarnScaling
-from bridges.rules import Ignore, Rule, RuleSet, fused_expert, fused_expert_bias, fused_gated_expert, qkv, same
-from bridges.sharding import COLUMN, ROW, vocab_parallel
+from bridges.checkpoint import hf_config as hfc
+from bridges.rules.local_params import EMBEDDING, OUTPUT
+from bridges.architecture import GPTArchitecture, YarnScaling
+from bridges.rules.groups import fused_expert, fused_expert_bias, fused_gated_expert, qkv
+from bridges.rules.rule import Ignore, Rule, RuleSet, same
+from bridges.rules.sharding import COLUMN, ROW, vocab_parallel
 
 MODEL_TYPE = "gpt_oss"
 SLIDING, FULL = "sliding_attention", "full_attention"

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridges import hf_config as hfc
-from bridges import vlm_config
-from bridges.local_params import EMBEDDING, MTP_INNER, OUTPUT
-from bridges.megatron.build import GPTArchitecture, MRoPE
+from bridges.checkpoint import hf_config as hfc
+from bridges.checkpoint import vlm_config
+from bridges.rules.local_params import EMBEDDING, MTP_INNER, OUTPUT
+from bridges.architecture import GPTArchitecture, MRoPE
 from bridges.models import qwen3_vl_moe
 from bridges.models.qwen3_moe import num_experts
-from bridges.rules import (
-    FUSED, PER_EXPERT, Ignore, Rule, RuleSet, gated_attention, gated_delta_net, gated_mlp, routed_experts, same,
-)
-from bridges.sharding import COLUMN, vocab_parallel
-from bridges.vision_tower import VisionTower
+from bridges.rules.groups import FUSED, PER_EXPERT, gated_attention, gated_delta_net, gated_mlp, routed_experts
+from bridges.rules.rule import Ignore, Rule, RuleSet, same
+from bridges.rules.sharding import COLUMN, vocab_parallel
+from bridges.rules.vision_tower import VisionTower
 
 MODEL_TYPE = "qwen3_5_moe"
 TEXT = "model.language_model."

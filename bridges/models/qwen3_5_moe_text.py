@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridges import hf_config as hfc
-from bridges.megatron.build import GPTArchitecture
+from bridges.checkpoint import hf_config as hfc
+from bridges.architecture import GPTArchitecture
 from bridges.models import qwen3_5_moe
 from bridges.models.qwen3_5_moe import EXPERT_LAYOUTS, expert_layout_of  # noqa: F401 - the family interface
-from bridges.rules import PER_EXPERT, RuleSet
+from bridges.rules.groups import PER_EXPERT
+from bridges.rules.rule import RuleSet
 
 MODEL_TYPE = "qwen3_5_moe_text"
 

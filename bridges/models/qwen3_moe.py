@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridges import hf_config as hfc
-from bridges.local_params import EMBEDDING, OUTPUT
-from bridges.megatron.build import GPTArchitecture
-from bridges.rules import (  # noqa: F401 - EXPERT_LAYOUTS, detect_expert_layout: the family interface
-    EXPERT_LAYOUTS, PER_EXPERT, Ignore, RuleSet, attention, detect_expert_layout, gated_mlp, routed_experts, same,
+from bridges.checkpoint import hf_config as hfc
+from bridges.rules.local_params import EMBEDDING, OUTPUT
+from bridges.architecture import GPTArchitecture
+from bridges.rules.groups import (  # noqa: F401 - EXPERT_LAYOUTS, detect_expert_layout: the family interface
+    EXPERT_LAYOUTS, PER_EXPERT, attention, detect_expert_layout, gated_mlp, routed_experts,
 )
-from bridges.sharding import vocab_parallel
+from bridges.rules.rule import Ignore, RuleSet, same
+from bridges.rules.sharding import vocab_parallel
 
 MODEL_TYPE = "qwen3_moe"
 

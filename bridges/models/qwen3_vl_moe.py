@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from bridges import hf_config as hfc
-from bridges import vlm_config
-from bridges.megatron.build import GPTArchitecture, MRoPE
+from bridges.checkpoint import hf_config as hfc
+from bridges.checkpoint import vlm_config
+from bridges.architecture import GPTArchitecture, MRoPE
 from bridges.models import qwen3_moe
 from bridges.models.qwen3_moe import moe_layer_pattern, num_experts
-from bridges.rules import FUSED, RuleSet, fused_expert, fused_gated_expert, routed_experts
-from bridges.vision_tower import VisionTower
+from bridges.rules.groups import FUSED, fused_expert, fused_gated_expert, routed_experts
+from bridges.rules.rule import RuleSet
+from bridges.rules.vision_tower import VisionTower
 
 MODEL_TYPE = "qwen3_vl_moe"
 TEXT = "model.language_model."

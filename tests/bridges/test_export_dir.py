@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bridges import export_dir as ed
+from bridges.export import directory as ed
 
 
 def _export(root, step, publish=True, run_id=None):

@@ -18,8 +18,8 @@ LAYOUTS = [ParallelLayout(ep=2), ParallelLayout(tp=2)]
 def export_both_ways(root: str, layouts) -> None:
     import torch
 
-    from bridges.export import export_pieces, export_specs, hf_tensor_specs
-    from bridges.export_writer import write_checkpoint
+    from bridges.export.specs import export_pieces, export_specs, hf_tensor_specs
+    from bridges.export.writer import write_checkpoint
     from bridges.megatron import build, parallel
     from bridges.models import glm45
 

@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from bridges import export_writer
-from bridges.export_coverage import CoverageError
-from bridges.export_writer import RankFailure, plan_files, write_checkpoint
-from bridges.pieces import Piece, PieceSpec, full_region
+from bridges.export import writer as export_writer
+from bridges.export.coverage import CoverageError
+from bridges.export.writer import RankFailure, plan_files, write_checkpoint
+from bridges.checkpoint.pieces import Piece, PieceSpec, full_region
 from launcher import run_distributed
 
 SHARD = 600  # bytes: forces several files

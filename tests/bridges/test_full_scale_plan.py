@@ -11,15 +11,15 @@ import time
 import pytest
 import torch
 
-from bridges.export import hf_tensor_specs
-from bridges.export_coverage import check_coverage
-from bridges.export_writer import DEFAULT_MAX_SHARD_BYTES, _plan_merges
-from bridges.export_plan import plan_files
+from bridges.export.specs import hf_tensor_specs
+from bridges.export.coverage import check_coverage
+from bridges.export.writer import DEFAULT_MAX_SHARD_BYTES, _plan_merges
+from bridges.export.plan import plan_files
 from bridges.megatron.layout import ParallelLayout
 from bridges.models import glm45
-from bridges.piece_bytes import piece_nbytes
-from bridges.safetensors_format import itemsize
-from bridges.virtual_ranks import LayoutPlanner
+from bridges.checkpoint.piece_bytes import piece_nbytes
+from bridges.checkpoint.safetensors_format import itemsize
+from bridges.export.virtual_ranks import LayoutPlanner
 
 # zai-org/GLM-4.5 config.json, the fields that fix tensor shapes and the config translation.
 GLM45_355B = {

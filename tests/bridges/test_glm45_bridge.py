@@ -35,7 +35,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _setup(directory, layout, mtp=True):
-    from bridges import hf_config as hfc
+    from bridges.checkpoint import hf_config as hfc
     from bridges.megatron import build, parallel
     from bridges.models import glm45
 
@@ -48,11 +48,11 @@ def _setup(directory, layout, mtp=True):
 
 def round_trips(checkpoints, layouts):
     """For each (parallel layout, expert layout): this rank's exported pieces and the main logits."""
-    from bridges.export import export_pieces
+    from bridges.export.specs import export_pieces
     from bridges.load import import_weights
     from bridges.megatron.forward import main_logits
     from bridges.models import glm45
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     results = []
     for layout in layouts:
@@ -69,11 +69,11 @@ def round_trips(checkpoints, layouts):
 
 def other_namings(directory):
     """Export from / import into the same model seen under later Megatron-Core names."""
-    from bridges.export import export_pieces
+    from bridges.export.specs import export_pieces
     from bridges.load import import_weights
     from bridges.megatron.layout import ParallelLayout
     from bridges.models import glm45
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     config, arch, model = _setup(directory, ParallelLayout())
     source = SafetensorsCheckpoint(directory)
@@ -121,7 +121,7 @@ class Renamed:
 
 
 def _assert_round_trip(results, checkpoints):
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     by_case = {}
     for rank_results in results:
@@ -176,10 +176,10 @@ def test_later_megatron_names_convert_alike(checkpoints):
 
 @pytest.mark.parametrize("expert_layout", EXPERT_LAYOUTS)
 def test_hf_tensor_specs_describe_the_checkpoint(checkpoints, expert_layout):
-    from bridges import hf_config as hfc
-    from bridges.export import hf_tensor_specs
+    from bridges.checkpoint import hf_config as hfc
+    from bridges.export.specs import hf_tensor_specs
     from bridges.models import glm45
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     directory = checkpoints[expert_layout][0]
     source = SafetensorsCheckpoint(directory)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bridges import hf_config as hfc
+from bridges.checkpoint import hf_config as hfc
 from bridges.models import glm45
 
 # GLM-4.5 (355B-A32B) as its hub config.json spells it, transformers 4 era.

@@ -38,7 +38,7 @@ class RecordingCheckpoint:
     """A SafetensorsCheckpoint that remembers which experts of the MXFP4 blocks were read."""
 
     def __init__(self, directory):
-        from bridges.safetensors_io import SafetensorsCheckpoint
+        from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
         self._source = SafetensorsCheckpoint(directory)
         self.experts_read: set[int] = set()
@@ -55,14 +55,14 @@ class RecordingCheckpoint:
 def round_trips(plain, quantized, layouts, mxfp4_layouts):
     """Per parallel layout: this rank's exported pieces and the main logits; for the MXFP4 layouts also
     the Megatron tensors that differ from the fp32 import, the MXFP4 logits and the experts read."""
-    from bridges import hf_config as hfc
-    from bridges.export import export_pieces
+    from bridges.checkpoint import hf_config as hfc
+    from bridges.export.specs import export_pieces
     from bridges.load import import_weights
-    from bridges.local_params import Ranks
+    from bridges.rules.local_params import Ranks
     from bridges.megatron import build, parallel
     from bridges.megatron.forward import main_logits
     from bridges.models import gpt_oss
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     config = hfc.load_config(plain)
     arch = gpt_oss.architecture(config)
@@ -104,7 +104,7 @@ def world_1(plain, quantized, layouts):
 
 def backward_at_ep1(plain):
     """Gradients reach every expert bias with experts neither expert- nor tensor-parallel (EP1, etp 1)."""
-    from bridges import hf_config as hfc
+    from bridges.checkpoint import hf_config as hfc
     from bridges.megatron import build, parallel
     from bridges.megatron.layout import ParallelLayout
     from bridges.models import gpt_oss
@@ -122,7 +122,7 @@ def backward_at_ep1(plain):
 
 
 def _check(results, checkpoints, mxfp4_layouts=()):
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     plain, _, reference = checkpoints
     source = SafetensorsCheckpoint(plain)
@@ -176,10 +176,10 @@ def test_world_4_tp_x_ep(checkpoints):
 
 
 def test_hf_tensor_specs_describe_the_checkpoint(checkpoints):
-    from bridges import hf_config as hfc
-    from bridges.export import hf_tensor_specs
+    from bridges.checkpoint import hf_config as hfc
+    from bridges.export.specs import hf_tensor_specs
     from bridges.models import gpt_oss
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     source = SafetensorsCheckpoint(checkpoints[0])
     specs = hf_tensor_specs("gpt_oss", gpt_oss.architecture(hfc.load_config(checkpoints[0])), torch.float32)

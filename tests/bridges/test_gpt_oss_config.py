@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from bridges.hf_config import HFConfigError
-from bridges.megatron.build import YarnScaling
+from bridges.checkpoint.hf_config import HFConfigError
+from bridges.architecture import YarnScaling
 from bridges.models import family_for, gpt_oss
 from tests.bridges.gpt_oss_tiny import tiny_config
 

@@ -21,7 +21,7 @@ def directory(tmp_path_factory):
 
 
 def _tensors(directory):
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     source = SafetensorsCheckpoint(directory)
     return {name: source.read(name) for name in source.keys()}
@@ -42,13 +42,13 @@ def _broken(tensors, case):
 
 def checks_world_1(directory):
     """Every failure case on one rank; returns {case: (message, parameters unchanged)} and more."""
-    from bridges import hf_config as hfc
-    from bridges.export import export_pieces, hf_tensor_specs
+    from bridges.checkpoint import hf_config as hfc
+    from bridges.export.specs import export_pieces, hf_tensor_specs
     from bridges.load import CheckpointMismatch, import_weights
     from bridges.megatron import build, parallel
     from bridges.megatron.layout import ParallelLayout
     from bridges.models import glm45
-    from bridges.sources import DictSource
+    from bridges.checkpoint.sources import DictSource
 
     config = hfc.load_config(directory)
     arch = glm45.architecture(config)
@@ -103,7 +103,7 @@ def _directory_cases(directory, model, arch, tensors):
 
     from bridges.load import CheckpointMismatch, import_weights
     from bridges.models import glm45
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     out = {}
     variants = os.path.join(os.path.dirname(directory), "variants")
@@ -121,12 +121,12 @@ def _directory_cases(directory, model, arch, tensors):
 
 def agreement_world_2(directory):
     """Only rank 1's source is broken: both ranks must raise, and neither may change a parameter."""
-    from bridges import hf_config as hfc
+    from bridges.checkpoint import hf_config as hfc
     from bridges.load import CheckpointMismatch, import_weights
     from bridges.megatron import build, parallel
     from bridges.megatron.layout import ParallelLayout
     from bridges.models import glm45
-    from bridges.sources import DictSource
+    from bridges.checkpoint.sources import DictSource
 
     arch = glm45.architecture(hfc.load_config(directory))
     parallel.initialize(ParallelLayout(ep=2))

@@ -3,7 +3,7 @@ schemes, both MTP inner names, Transformer Engine's fused norm names."""
 
 import pytest
 
-from bridges.local_params import Naming, Ranks
+from bridges.rules.local_params import Naming, Ranks
 
 NAMING = Naming(layer_numbers={0: 6, 1: 7}, mtp_numbers={0: 0}, expert_offset=8)
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bridges import mxfp4
-from bridges.pieces import full_region
-from bridges.safetensors_io import SafetensorsCheckpoint
-from bridges.sources import DictSource
+from bridges.checkpoint import mxfp4
+from bridges.checkpoint.pieces import full_region
+from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
+from bridges.checkpoint.sources import DictSource
 
 gen = torch.Generator().manual_seed(3)
 E, R, G = 3, 10, 4  # experts, rows (out features), blocks of 32 along the input: C = 128

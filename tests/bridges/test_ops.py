@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from bridges import ops
-from bridges.pieces import full_region
-from bridges.views import View
+from bridges.rules import ops
+from bridges.checkpoint.pieces import full_region
+from bridges.rules.views import View
 
 gen = torch.Generator().manual_seed(0)
 

@@ -46,15 +46,15 @@ def round_trips(directories, layouts, export_root=None):
     image logits. With `export_root`, EP2 exports are also written there (every rank its own pieces)."""
     import torch.distributed as dist
 
-    from bridges import hf_config as hfc
-    from bridges.export import export_pieces, hf_tensor_specs
-    from bridges.export_writer import write_checkpoint
+    from bridges.checkpoint import hf_config as hfc
+    from bridges.export.specs import export_pieces, hf_tensor_specs
+    from bridges.export.writer import write_checkpoint
     from bridges.load import import_weights
     from bridges.megatron import parallel
     from bridges.megatron.forward import main_logits
     from bridges.megatron.vlm import build_vlm_model
     from bridges.models import family_for
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     x = qwen35_tiny.inputs()
     images = {"pixel_values": x["pixel_values"], "image_grid_thw": x["image_grid_thw"]}
@@ -98,7 +98,7 @@ def world2(directories, layouts, export_root, text_directory):
 
 
 def _assert_round_trips(results, checkpoints, layouts: int):
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     by_case = {}
     for rank_results in results:

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from bridges.hf_config import HFConfigError
+from bridges.checkpoint.hf_config import HFConfigError
 from bridges.models import qwen3_5_moe
 from tests.bridges import qwen35_tiny
 
@@ -83,7 +83,7 @@ def test_deepstack_is_refused():
     ({"gate_up_proj": (4, 48, 32), "down_proj": (4, 16, 48)}, "fused_in_out"),  # [E, in, out]
 ])
 def test_expert_layout_from_names_and_shapes(experts, expected):
-    from bridges.sources import DictSource
+    from bridges.checkpoint.sources import DictSource
 
     arch = qwen3_5_moe.architecture(_config())  # hidden 48, expert ffn 16
     prefixes = ("model.language_model.layers.0", "mtp.layers.0")
@@ -131,7 +131,7 @@ RELEASED = {
 
 @pytest.mark.parametrize("size", sorted(RELEASED))
 def test_released_configs_translate(size):
-    from bridges.export import hf_tensor_specs
+    from bridges.export.specs import hf_tensor_specs
 
     config, low, high = RELEASED[size]
     arch = qwen3_5_moe.architecture(config)
@@ -143,10 +143,10 @@ def test_released_configs_translate(size):
 
 def test_397b_export_plan_at_tp2_pp4_ep32():
     """Every byte of every HF tensor has exactly one writer among 128 ranks (expert-TP 1), from metadata alone."""
-    from bridges.export import hf_tensor_specs
-    from bridges.export_coverage import check_coverage
+    from bridges.export.specs import hf_tensor_specs
+    from bridges.export.coverage import check_coverage
     from bridges.megatron.layout import ParallelLayout
-    from bridges.virtual_ranks import LayoutPlanner
+    from bridges.export.virtual_ranks import LayoutPlanner
 
     config = copy.deepcopy(RELEASED["397B-A17B"][0])
     arch = qwen3_5_moe.architecture(config)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bridges import hf_config as hfc
+from bridges.checkpoint import hf_config as hfc
 from bridges.models import qwen3_moe
 from tests.bridges.qwen3_moe_tiny import MAIN, VARIANT, make_checkpoint
 from tests.launcher import run_distributed
@@ -194,12 +194,12 @@ def export_round_trips(checkpoints, runs, out_root):
     owner-writes engine into `out_root` (config by rank 0) and compute the Megatron logits; returns the logits."""
     import torch.distributed as dist
 
-    from bridges.export import export_pieces, hf_tensor_specs
-    from bridges.export_writer import write_checkpoint
+    from bridges.export.specs import export_pieces, hf_tensor_specs
+    from bridges.export.writer import write_checkpoint
     from bridges.load import import_weights
     from bridges.megatron import build, parallel
     from bridges.megatron.forward import main_logits
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     logits = {}
     for layout, case in runs:
@@ -227,7 +227,7 @@ def _name(layout, case) -> str:
 def _check(checkpoints, runs, world_size, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     per_rank = run_distributed(world_size, export_round_trips, checkpoints, runs, str(tmp_path))
     for layout, case in runs:
@@ -268,8 +268,8 @@ def test_world_4_tp_x_ep(checkpoints, tmp_path):
 
 
 def test_hf_tensor_specs_describe_the_checkpoints(checkpoints):
-    from bridges.export import hf_tensor_specs
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.export.specs import hf_tensor_specs
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     for case, (directory, _, _) in checkpoints.items():
         source = SafetensorsCheckpoint(directory)

@@ -4,7 +4,7 @@ import random
 
 import numpy as np
 
-from bridges.regions import bounding_box, byte_runs, regions_overlap
+from bridges.checkpoint.regions import bounding_box, byte_runs, regions_overlap
 
 
 def _random_region(rng, shape):

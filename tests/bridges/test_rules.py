@@ -4,9 +4,10 @@ reading and writing only regions of the HF tensors."""
 import pytest
 import torch
 
-from bridges import ops, rules
-from bridges.megatron.build import padded_vocab_size
-from bridges.sharding import ROW, ShardingError, vocab_parallel
+from bridges.rules import ops
+from bridges.rules import groups, rule as rules
+from bridges.architecture import padded_vocab_size
+from bridges.rules.sharding import ROW, ShardingError, vocab_parallel
 
 gen = torch.Generator().manual_seed(1)
 E, H, I = 6, 10, 9  # experts, hidden, expert width: awkward on purpose (splits over 1, 2, 3 ranks)
@@ -41,19 +42,19 @@ RULES = [
     rules.same("norm", "n", (H,)),
     rules.same("proj", "o", (H, 12), shard=ROW),
     rules.same("embedding", "e", (13, H), shard=vocab_parallel(13)),
-    rules.qkv("qkv.weight", "q", "k", "v", ((6 * 4 * 3, H), (6 * 3, H), (6 * 3, H)), head_dim=3),
-    rules.qkv("qkv.bias", "q", "k", "v", ((6 * 4 * 3,), (6 * 3,), (6 * 3,)), head_dim=3),
-    rules.gate_up("fc1", "gate", "up", (2 * I, H)),
-    rules.down("fc2", "down", (H, 2 * I)),
-    rules.fused_expert("fc2", "down_proj", (E, H, 2 * I), expert=4),
-    rules.fused_expert("fc2", "down_proj", (E, 2 * I, H), expert=5, transpose=True),
-    rules.fused_gated_expert("fc1", "gate_up_proj", (E, 4 * I, H), expert=1),
-    rules.fused_gated_expert("fc1", "gate_up_proj", (E, H, 4 * I), expert=3, transpose=True),
-    rules.fused_gated_expert("fc1", "gate_up_proj", (E, H, 4 * I), expert=0, transpose=True, interleaved=True),
-    rules.fused_gated_expert("fc1", "gate_up_proj", (E, 4 * I, H), expert=2, interleaved=True),
-    rules.fused_gated_expert("fc1.bias", "gate_up_proj_bias", (E, 4 * I), expert=4, interleaved=True),
-    rules.fused_gated_expert("fc1.bias", "gate_up_proj_bias", (E, 4 * I), expert=1),
-    rules.fused_expert_bias("fc2.bias", "down_proj_bias", (E, H), expert=3),
+    groups.qkv("qkv.weight", "q", "k", "v", ((6 * 4 * 3, H), (6 * 3, H), (6 * 3, H)), head_dim=3),
+    groups.qkv("qkv.bias", "q", "k", "v", ((6 * 4 * 3,), (6 * 3,), (6 * 3,)), head_dim=3),
+    groups.gate_up("fc1", "gate", "up", (2 * I, H)),
+    groups.down("fc2", "down", (H, 2 * I)),
+    groups.fused_expert("fc2", "down_proj", (E, H, 2 * I), expert=4),
+    groups.fused_expert("fc2", "down_proj", (E, 2 * I, H), expert=5, transpose=True),
+    groups.fused_gated_expert("fc1", "gate_up_proj", (E, 4 * I, H), expert=1),
+    groups.fused_gated_expert("fc1", "gate_up_proj", (E, H, 4 * I), expert=3, transpose=True),
+    groups.fused_gated_expert("fc1", "gate_up_proj", (E, H, 4 * I), expert=0, transpose=True, interleaved=True),
+    groups.fused_gated_expert("fc1", "gate_up_proj", (E, 4 * I, H), expert=2, interleaved=True),
+    groups.fused_gated_expert("fc1.bias", "gate_up_proj_bias", (E, 4 * I), expert=4, interleaved=True),
+    groups.fused_gated_expert("fc1.bias", "gate_up_proj_bias", (E, 4 * I), expert=1),
+    groups.fused_expert_bias("fc2.bias", "down_proj_bias", (E, H), expert=3),
 ]
 
 
@@ -90,11 +91,11 @@ def test_vocab_padding_rows_are_zero():
 
 def test_uneven_split_is_refused():
     with pytest.raises(ShardingError):
-        rules.down("fc2", "down", (H, 7)).specs(0, 2, torch.float32)
+        groups.down("fc2", "down", (H, 7)).specs(0, 2, torch.float32)
 
 
 def test_expert_region_is_one_slice_of_the_fused_tensor():
-    rule = rules.fused_gated_expert("fc1", "gate_up_proj", (E, H, 4 * I), expert=3, transpose=True, interleaved=True)
+    rule = groups.fused_gated_expert("fc1", "gate_up_proj", (E, H, 4 * I), expert=3, transpose=True, interleaved=True)
     gate, up = rule.specs(1, 2, torch.bfloat16)
     # gate/up have 2I rows each; rank 1 of 2 holds rows I..2I-1, at even / odd HF indices from 2I.
     assert gate.region == (slice(3, 4, 1), slice(0, H, 1), slice(2 * I, 4 * I - 1, 2))
@@ -104,18 +105,18 @@ def test_expert_region_is_one_slice_of_the_fused_tensor():
 
 def test_fused_expert_biases_shard_like_their_weights():
     """fc1 bias: each expert-TP rank holds its [gate; up] rows (interleaved in HF); fc2 bias: whole everywhere."""
-    up = rules.fused_gated_expert("fc1.bias", "gate_up_proj_bias", (E, 4 * I), expert=5, interleaved=True)
+    up = groups.fused_gated_expert("fc1.bias", "gate_up_proj_bias", (E, 4 * I), expert=5, interleaved=True)
     gate, up_part = up.specs(1, 2, torch.float32)
     assert gate.region == (slice(5, 6, 1), slice(2 * I, 4 * I - 1, 2))
     assert up_part.region == (slice(5, 6, 1), slice(2 * I + 1, 4 * I, 2))
-    down = rules.fused_expert_bias("fc2.bias", "down_proj_bias", (E, H), expert=2)
+    down = groups.fused_expert_bias("fc2.bias", "down_proj_bias", (E, H), expert=2)
     assert [s.region for s in down.specs(1, 2, torch.float32)] == [(slice(2, 3, 1), slice(0, H, 1))]
 
 
 def test_rule_groups_name_a_layer_as_transformers_and_megatron_do():
     """attention / gated_mlp / routed_experts: HF names and [out, in] shapes of the shared HF naming, and
     Megatron names; the per-expert and fused tables give each expert the same Megatron tensors."""
-    table = rules.attention("a.", "h.", hidden=8, heads=4, groups=2, head_dim=3, bias=True, qk_norm=True)
+    table = groups.attention("a.", "h.", hidden=8, heads=4, groups=2, head_dim=3, bias=True, qk_norm=True)
     assert {r.megatron: dict(zip(r.hf, r.hf_shapes)) for r in table} == {
         "a.linear_qkv.weight": {"h.q_proj.weight": (12, 8), "h.k_proj.weight": (6, 8), "h.v_proj.weight": (6, 8)},
         "a.linear_qkv.bias": {"h.q_proj.bias": (12,), "h.k_proj.bias": (6,), "h.v_proj.bias": (6,)},
@@ -123,28 +124,28 @@ def test_rule_groups_name_a_layer_as_transformers_and_megatron_do():
         "a.q_layernorm.weight": {"h.q_norm.weight": (3,)},
         "a.k_layernorm.weight": {"h.k_norm.weight": (3,)},
     }
-    plain = rules.attention("a.", "h.", 8, 4, 2, 3)
+    plain = groups.attention("a.", "h.", 8, 4, 2, 3)
     assert [r.megatron for r in plain] == ["a.linear_qkv.weight", "a.linear_proj.weight"]
-    fc1, fc2 = rules.gated_mlp("m.", "h.", ffn=5, hidden=8, expert=2)
+    fc1, fc2 = groups.gated_mlp("m.", "h.", ffn=5, hidden=8, expert=2)
     assert (fc1.megatron, fc1.hf, fc1.hf_shapes, fc1.expert) == (
         "m.linear_fc1.weight", ("h.gate_proj.weight", "h.up_proj.weight"), ((5, 8), (5, 8)), 2)
     assert (fc2.megatron, fc2.hf, fc2.hf_shapes, fc2.shard) == (
         "m.linear_fc2.weight", ("h.down_proj.weight",), ((8, 5),), ROW)
 
     x = "l.mlp.experts."
-    per = rules.RuleSet(rules.routed_experts("x.", x, experts=3, ffn=6, hidden=8))
-    fused = rules.RuleSet(rules.routed_experts("x.", x, experts=3, ffn=6, hidden=8, layout=rules.FUSED))
+    per = rules.RuleSet(groups.routed_experts("x.", x, experts=3, ffn=6, hidden=8))
+    fused = rules.RuleSet(groups.routed_experts("x.", x, experts=3, ffn=6, hidden=8, layout=groups.FUSED))
     hf = {name: torch.randn(shape, generator=gen) for name, (shape, _, _) in per.hf_tensors().items()}
     gate_up = [torch.cat([hf[f"{x}{e}.gate_proj.weight"], hf[f"{x}{e}.up_proj.weight"]]) for e in range(3)]
     hf[x + "gate_up_proj"] = torch.stack(gate_up)
     hf[x + "down_proj"] = torch.stack([hf[f"{x}{e}.down_proj.weight"] for e in range(3)])
     assert set(fused.hf_tensors()) == {x + "gate_up_proj", x + "down_proj"}
-    assert rules.detect_expert_layout(fused.hf_tensors()) == rules.FUSED
-    assert rules.detect_expert_layout(per.hf_tensors()) == rules.PER_EXPERT
+    assert groups.detect_expert_layout(fused.hf_tensors()) == groups.FUSED
+    assert groups.detect_expert_layout(per.hf_tensors()) == groups.PER_EXPERT
     for rule in per.rules:
         other = fused.rule_for(rule.megatron)
         for rank in range(2):
             parts = [[hf[s.hf_name][s.region] for s in r.specs(rank, 2, torch.float32)] for r in (rule, other)]
             assert torch.equal(rule.to_megatron(parts[0], rank, 2), other.to_megatron(parts[1], rank, 2))
     with pytest.raises(ValueError, match="expert layout"):
-        rules.routed_experts("x.", x, 3, 5, 8, layout="stacked")
+        groups.routed_experts("x.", x, 3, 5, 8, layout="stacked")

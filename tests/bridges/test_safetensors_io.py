@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bridges import safetensors_io
-from bridges.safetensors_format import SafetensorsFormatError, read_header
-from bridges.safetensors_io import CheckpointError, PickleWeightsRefused, SafetensorsCheckpoint
+from bridges.checkpoint import safetensors_io
+from bridges.checkpoint.safetensors_format import SafetensorsFormatError, read_header
+from bridges.checkpoint.safetensors_io import CheckpointError, PickleWeightsRefused, SafetensorsCheckpoint
 
 
 def _raw_file(path, header, data_len):

@@ -1,4 +1,4 @@
-"""Ranks planned from metadata alone (bridges/virtual_ranks.py) against built models: on every rank of
+"""Ranks planned from metadata alone (bridges/export/virtual_ranks.py) against built models: on every rank of
 2- and 4-process layouts, the same place in the parallel groups, the same parameters and local shapes,
 and the same export pieces as `export_specs` of the real model; plus the pipeline split and the
 byte-balanced choice of the writing replica."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bridges.export import balanced_owners
+from bridges.export.specs import balanced_owners
 from bridges.megatron.layout import LayoutError, ParallelLayout
-from bridges.virtual_ranks import stage_layers
+from bridges.export.virtual_ranks import stage_layers
 from tests.bridges.glm45_tiny import tiny_config
 from tests.launcher import run_distributed
 
@@ -30,8 +30,8 @@ def real_ranks(cases):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from bridges.export import export_specs
-    from bridges.local_params import Ranks, local_params
+    from bridges.export.specs import export_specs
+    from bridges.rules.local_params import Ranks, local_params
     from bridges.megatron import build, parallel
     from bridges.models import glm45
 
@@ -48,7 +48,7 @@ def real_ranks(cases):
 
 def _assert_same_as_planned(world, cases, results):
     from bridges.models import glm45
-    from bridges.virtual_ranks import LayoutPlanner
+    from bridges.export.virtual_ranks import LayoutPlanner
 
     for i, (layout, tied, stages) in enumerate(cases):
         arch = glm45.architecture(_config(tied))

@@ -36,12 +36,12 @@ def checkpoints(tmp_path_factory):
 
 def _imported(directory, layout):
     """(config, family, arch, this rank's model with the checkpoint imported, import report)."""
-    from bridges import hf_config as hfc
+    from bridges.checkpoint import hf_config as hfc
     from bridges.load import import_weights
     from bridges.megatron import parallel
     from bridges.megatron.vlm import build_vlm_model
     from bridges.models import family_for
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     config = hfc.load_config(directory)
     family = family_for(config)
@@ -57,8 +57,8 @@ def round_trips(directories, layouts, export_root=None):
     With `export_root`, exports under expert parallelism are also written there (every rank its own pieces)."""
     import torch.distributed as dist
 
-    from bridges.export import export_pieces, hf_tensor_specs
-    from bridges.export_writer import write_checkpoint
+    from bridges.export.specs import export_pieces, hf_tensor_specs
+    from bridges.export.writer import write_checkpoint
     from bridges.megatron.forward import main_logits
 
     x = vlm_tiny.inputs()
@@ -117,7 +117,7 @@ def world2(directories, layouts, export_root):
 
 
 def _assert_round_trips(results, checkpoints):
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     by_case = {}
     for rank_results in results:
@@ -204,10 +204,10 @@ def test_tp2_x_ep2(checkpoints):
 
 @pytest.mark.parametrize("case", CASES, ids=["_".join(c) for c in CASES])
 def test_hf_tensor_specs_describe_the_checkpoint(checkpoints, case):
-    from bridges import hf_config as hfc
-    from bridges.export import hf_tensor_specs
+    from bridges.checkpoint import hf_config as hfc
+    from bridges.export.specs import hf_tensor_specs
     from bridges.models import family_for
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     directory = checkpoints[case][0]
     config = hfc.load_config(directory)

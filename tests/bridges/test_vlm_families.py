@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bridges.hf_config import HFConfigError
+from bridges.checkpoint.hf_config import HFConfigError
 from bridges.models import glm45v, qwen3_vl_moe
 from bridges.models.qwen3_vl_moe import FUSED, IN_OUT
-from bridges.sources import DictSource
+from bridges.checkpoint.sources import DictSource
 from tests.bridges import vlm_tiny
 
 E = 2

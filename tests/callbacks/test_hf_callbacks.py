@@ -115,7 +115,7 @@ def _one_rank_cannot_open(source, tmp):
     """Only rank 1 finds a problem while opening the source: both ranks refuse, neither waits alone."""
     import torch.distributed as dist
 
-    from bridges.files import CheckpointFileError
+    from bridges.checkpoint.files import CheckpointFileError
     from callbacks import hf_import
 
     original = hf_import.companion_files
@@ -158,7 +158,7 @@ def _failing_export(source, dirpath, on_error="raise"):
 
     import torch.distributed as dist
 
-    from bridges import export_writer
+    from bridges.export import writer as export_writer
 
     original = export_writer._write_pieces
 

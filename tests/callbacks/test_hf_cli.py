@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from bridges import export_dir
-from bridges.export_dir import is_complete
+from bridges.export import directory as export_dir
+from bridges.export.directory import is_complete
 from tests.bridges.glm45_tiny import make_checkpoint
 
 from tests.train_runs import ROOT, train

@@ -33,13 +33,13 @@ def checkpoints(tmp_path_factory):
 
 def te_round_trips(directories, layouts_of):
     """On every rank, per (family, layout): TE-style local names seen, and HF tensors not bit-identical."""
-    from bridges import hf_config as hfc
-    from bridges.export import export_pieces
+    from bridges.checkpoint import hf_config as hfc
+    from bridges.export.specs import export_pieces
     from bridges.load import import_weights
     from bridges.megatron import build, parallel
     from bridges.megatron.vlm import build_vlm_model
     from bridges.models import family_for
-    from bridges.safetensors_io import SafetensorsCheckpoint
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
     from tests.megatron.te_standins import use_te_layer_specs
 
     use_te_layer_specs()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bridges.pieces import Region
+from bridges.checkpoint.pieces import Region
 
 
 @dataclass(frozen=True)

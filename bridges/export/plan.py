@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bridges.safetensors_format import SINGLE_FILE_NAME, encode_header, itemsize
+from bridges.checkpoint.safetensors_format import SINGLE_FILE_NAME, encode_header, itemsize
 
 DEFAULT_METADATA = {"format": "pt"}  # what transformers writes; its loader checks the format key
 

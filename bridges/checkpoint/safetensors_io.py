@@ -14,18 +14,10 @@ import os
 import numpy as np
 import torch
 
-from bridges.files import CheckpointFileError, check_regular_file
-from bridges.pieces import Region, full_region, region_shape
-from bridges.regions import byte_runs, check_region
-from bridges.safetensors_format import (
-    INDEX_FILE_NAME,
-    SINGLE_FILE_NAME,
-    FileHeader,
-    TensorEntry,
-    itemsize,
-    raw_numpy_dtype,
-    read_header,
-)
+from bridges.checkpoint.files import CheckpointFileError, check_regular_file
+from bridges.checkpoint.pieces import Region, full_region, region_shape
+from bridges.checkpoint.regions import byte_runs, check_region
+from bridges.checkpoint.safetensors_format import INDEX_FILE_NAME, SINGLE_FILE_NAME, FileHeader, TensorEntry, itemsize, raw_numpy_dtype, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 

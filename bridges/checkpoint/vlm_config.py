@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridges import hf_config as hfc
+from bridges.checkpoint import hf_config as hfc
 
 # Top-level fields the export writes itself (transformers_version: only the import source's, whose expert
 # orientation the export keeps; a config made from scratch says nothing about it).

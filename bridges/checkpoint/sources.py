@@ -1,13 +1,13 @@
 """An in-memory `HFSource`: HF tensors in a dict (tests, in-memory round trips, renamed checkpoints).
 
-Checkpoint directories are read by `bridges.safetensors_io.SafetensorsCheckpoint`, not here.
+Checkpoint directories are read by `bridges.checkpoint.safetensors_io.SafetensorsCheckpoint`, not here.
 """
 
 from __future__ import annotations
 
 import torch
 
-from bridges.pieces import Region
+from bridges.checkpoint.pieces import Region
 
 
 class DictSource:

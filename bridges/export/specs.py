@@ -14,12 +14,12 @@ from typing import Iterator
 
 import torch
 
-from bridges.local_params import LocalParam, Ranks, local_params
-from bridges.megatron.build import GPTArchitecture
+from bridges.rules.local_params import LocalParam, Ranks, local_params
+from bridges.architecture import GPTArchitecture
 from bridges.models import family_module
-from bridges.piece_bytes import piece_nbytes
-from bridges.pieces import Piece, PieceSpec, region_shape
-from bridges.rules import Rule, RuleSet
+from bridges.checkpoint.piece_bytes import piece_nbytes
+from bridges.checkpoint.pieces import Piece, PieceSpec, region_shape
+from bridges.rules.rule import Rule, RuleSet
 
 
 class ExportError(RuntimeError):
@@ -87,7 +87,7 @@ def owned_pieces(held: list[tuple[Rule, torch.dtype]], ranks: Ranks) -> list[lis
     pieces this rank writes for it, often none.
 
     The one ownership decision, shared by the export of a built model and by plans made from metadata
-    alone (bridges/virtual_ranks.py). Every data-parallel replica holds the same parameters, so each
+    alone (bridges/export/virtual_ranks.py). Every data-parallel replica holds the same parameters, so each
     computes the same byte-balanced assignment to replicas without communication. A mirror (an MTP
     copy of the embedding) is assigned on its own, so two large copies need not land on one replica.
     """

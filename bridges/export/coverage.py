@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from bridges.pieces import PieceSpec, Region
-from bridges.regions import check_region, numel, regions_overlap
+from bridges.checkpoint.pieces import PieceSpec, Region
+from bridges.checkpoint.regions import check_region, numel, regions_overlap
 
 MAX_LISTED = 10  # problems named in one error; the count says how many more
 

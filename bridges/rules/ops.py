@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bridges.views import View
+from bridges.rules.views import View
 
 Tensors = list[torch.Tensor]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bridges.files import CheckpointFileError, check_regular_file
+from bridges.checkpoint.files import CheckpointFileError, check_regular_file
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

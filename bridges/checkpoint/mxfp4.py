@@ -14,7 +14,7 @@ import collections
 
 import torch
 
-from bridges.pieces import Region, full_region, region_shape
+from bridges.checkpoint.pieces import Region, full_region, region_shape
 
 BLOCKS, SCALES = "_blocks", "_scales"
 BLOCK = 32  # values per scale

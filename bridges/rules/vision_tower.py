@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bridges.rules import same
+from bridges.rules.rule import same
 
 MEGATRON_PREFIX = "vision."  # the tower's parameters inside bridges.megatron.vlm.VisionLanguageModel
 INIT_SEED = 20250101  # every rank initialises the (replicated) tower alike, whatever Megatron drew before

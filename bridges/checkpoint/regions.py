@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from bridges.pieces import Region, region_shape
+from bridges.checkpoint.pieces import Region, region_shape
 
 
 def check_region(shape: tuple[int, ...], region: Region, where: str) -> None:

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from bridges.pieces import Piece, PieceSpec, region_shape
-from bridges.regions import bounding_box, byte_runs, numel
-from bridges.safetensors_format import itemsize, raw_numpy_dtype
+from bridges.checkpoint.pieces import Piece, PieceSpec, region_shape
+from bridges.checkpoint.regions import bounding_box, byte_runs, numel
+from bridges.checkpoint.safetensors_format import itemsize, raw_numpy_dtype
 
 
 

@@ -13,13 +13,13 @@ import re
 from dataclasses import dataclass, replace
 import torch
 
-from bridges.export import family_ruleset, owned_pieces
-from bridges.local_params import EMBEDDING, OUTPUT, Ranks
-from bridges.megatron.build import GPTArchitecture
+from bridges.export.specs import family_ruleset, owned_pieces
+from bridges.rules.local_params import EMBEDDING, OUTPUT, Ranks
+from bridges.architecture import GPTArchitecture
 from bridges.megatron.layout import ParallelLayout, stage_layers  # noqa: F401 (stage_layers re-exported)
-from bridges.pieces import PieceSpec
-from bridges.rules import Rule, RuleSet
-from bridges.vision_tower import MEGATRON_PREFIX as VISION_PREFIX
+from bridges.checkpoint.pieces import PieceSpec
+from bridges.rules.rule import Rule, RuleSet
+from bridges.rules.vision_tower import MEGATRON_PREFIX as VISION_PREFIX
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 _LAST_STAGE = ("decoder.final_layernorm.", "mtp.layers.", OUTPUT)

@@ -2,7 +2,7 @@
 
 A collective over a process group: all ranks agree on one file plan from metadata, rank 0 lays out the
 files, each rank pwrites its own pieces, rank 0 writes the index. The directory protocol (staging,
-rename, `latest`) is in bridges/export_dir.py. Never imports Lightning.
+rename, `latest`) is in bridges/export/directory.py. Never imports Lightning.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bridges.export_coverage import check_coverage
-from bridges.export_plan import FilePlan, TensorSpecs, plan_files
-from bridges.piece_bytes import as_bytes, from_bytes, is_one_run, piece_nbytes, tensor_writes
-from bridges.pieces import Piece, PieceSpec, region_shape
+from bridges.export.coverage import check_coverage
+from bridges.export.plan import FilePlan, TensorSpecs, plan_files
+from bridges.checkpoint.piece_bytes import as_bytes, from_bytes, is_one_run, piece_nbytes, tensor_writes
+from bridges.checkpoint.pieces import Piece, PieceSpec, region_shape
 from bridges.rank_status import RankFailure, agree, exchange, global_rank, group_rank_and_size
-from bridges.regions import numel, run_elements
-from bridges.safetensors_format import INDEX_FILE_NAME, itemsize
+from bridges.checkpoint.regions import numel, run_elements
+from bridges.checkpoint.safetensors_format import INDEX_FILE_NAME, itemsize
 
 __all__ = ["write_checkpoint", "plan_files", "FilePlan", "RankFailure", "DEFAULT_MAX_SHARD_BYTES"]
 

@@ -1,6 +1,6 @@
 """How a Megatron parameter is split over the ranks of its tensor-parallel group (plain or expert TP).
 
-A sharding cuts every part of a rule (see rules.py) along one dim into `size` equal pieces, or keeps
+A sharding cuts every part of a rule (see rule.py) along one dim into `size` equal pieces, or keeps
 it whole (replicated). Vocab-parallel sharding pads the vocabulary the way Megatron does.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bridges.megatron.build import padded_vocab_size
-from bridges.pieces import Region, full_region
+from bridges.architecture import padded_vocab_size
+from bridges.checkpoint.pieces import Region, full_region
 
 
 class ShardingError(ValueError):

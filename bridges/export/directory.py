@@ -17,7 +17,7 @@ import socket
 import stat
 import time
 
-from bridges.safetensors_format import INDEX_FILE_NAME
+from bridges.checkpoint.safetensors_format import INDEX_FILE_NAME
 
 COMPLETE_MARKER = ".complete"
 LATEST_NAME = "latest"

@@ -1,0 +1,153 @@
+"""Rule groups: the rules of a whole module (attention, MLP, routed experts) in the HF naming families share,
+built from the one-tensor constructors below. Pure functions of names and shapes."""
+
+from __future__ import annotations
+
+from bridges.rules import ops
+from bridges.rules.rule import Rule, Shape, same
+from bridges.rules.sharding import COLUMN, HEADS, REPLICATED, ROW, Sharding
+
+# ---- rule constructors: the vocabulary of family tables ----------------------------------------
+
+
+def qkv(megatron: str, q: str, k: str, v: str, shapes: tuple[Shape, Shape, Shape], head_dim: int) -> Rule:
+    """q_proj/k_proj/v_proj (weights or biases) <-> linear_qkv, column-parallel by KV group."""
+    heads_per_group = shapes[0][0] // shapes[1][0]
+    combine = ops.QKVInterleave(heads_per_group, head_dim)
+    return Rule(megatron, (q, k, v), tuple(map(tuple, shapes)), combine=combine, shard=COLUMN)
+
+
+def gate_up(megatron: str, gate: str, up: str, shape: Shape, expert: int | None = None) -> Rule:
+    """gate_proj + up_proj [I, H] <-> gated linear_fc1 [2I, H] (dense MLP, shared or per-expert)."""
+    shapes = (tuple(shape), tuple(shape))
+    return Rule(megatron, (gate, up), shapes, combine=ops.GateUpConcat(), shard=COLUMN, expert=expert)
+
+
+def down(megatron: str, hf: str, shape: Shape, expert: int | None = None) -> Rule:
+    """down_proj [H, I] <-> linear_fc2, row-parallel."""
+    return same(megatron, hf, shape, shard=ROW, expert=expert)
+
+
+def fused_expert(
+    megatron: str, hf: str, shape: Shape, expert: int, transpose: bool = False, shard: Sharding = ROW
+) -> Rule:
+    """Expert `expert` of one fused HF tensor [E, ...] <-> that expert's Megatron weight.
+    `transpose`: the HF tensor stores each expert as [in, out] (Megatron keeps [out, in])."""
+    views = (ops.ExpertSlice(),) + ((ops.Transpose(),) if transpose else ())
+    return Rule(megatron, (hf,), (tuple(shape),), views=views, shard=shard, expert=expert)
+
+
+def fused_expert_bias(megatron: str, hf: str, shape: Shape, expert: int) -> Rule:
+    """Expert `expert` of a fused bias [E, out] <-> that expert's output-layer bias (linear_fc2.bias), which
+    Megatron keeps whole on every expert-TP rank. (A gated fc1 bias [E, 2I] is `fused_gated_expert`'s.)"""
+    return fused_expert(megatron, hf, shape, expert, shard=REPLICATED)
+
+
+def fused_gated_expert(
+    megatron: str, hf: str, shape: Shape, expert: int, transpose: bool = False, interleaved: bool = False
+) -> Rule:
+    """Expert `expert` of one fused gate_up HF tensor [E, 2I, H] (or [E, H, 2I] with `transpose`) <->
+    that expert's linear_fc1 [gate; up]. `interleaved`: gate/up alternate (even = gate) instead of halves."""
+    split = ops.GateUpInterleave() if interleaved else ops.GateUpHalves()
+    views = (ops.ExpertSlice(),) + ((ops.Transpose(),) if transpose else ()) + (split,)
+    return Rule(megatron, (hf,), (tuple(shape),), views=views, combine=ops.GateUpConcat(), shard=COLUMN, expert=expert)
+
+
+# ---- groups: the rules of a whole module, in the HF naming several families share ----------------
+
+
+def attention(
+    m: str, h: str, hidden: int, heads: int, groups: int, head_dim: int, bias: bool = False, qk_norm: bool = False
+) -> list[Rule]:
+    """Self-attention: HF `{q,k,v,o}_proj` (+ q/k/v biases, + per-head `q_norm`/`k_norm`) under `h` <->
+    Megatron `linear_qkv`, `linear_proj` (+ `linear_qkv.bias`, `{q,k}_layernorm`) under `m`."""
+    q, kv = heads * head_dim, groups * head_dim
+    weights = ((q, hidden), (kv, hidden), (kv, hidden))
+    table = [
+        qkv(m + "linear_qkv.weight", *(h + f"{p}_proj.weight" for p in "qkv"), weights, head_dim),
+        same(m + "linear_proj.weight", h + "o_proj.weight", (hidden, q), ROW),
+    ]
+    if bias:
+        table.append(qkv(m + "linear_qkv.bias", *(h + f"{p}_proj.bias" for p in "qkv"), ((q,), (kv,), (kv,)), head_dim))
+    if qk_norm:
+        table += [
+            same(m + "q_layernorm.weight", h + "q_norm.weight", (head_dim,)),
+            same(m + "k_layernorm.weight", h + "k_norm.weight", (head_dim,)),
+        ]
+    return table
+
+
+def gated_attention(m: str, h: str, hidden: int, heads: int, groups: int, head_dim: int) -> list[Rule]:
+    """Self-attention with a sigmoid output gate and QK norm (Qwen3.5): HF `q_proj` [heads x (query, gate) x
+    head_dim, H] (each head's query then its gate), `k_proj`, `v_proj`, `o_proj`, `{q,k}_norm` under `h` <->
+    Megatron `linear_qkv` (per KV group: q heads, gate heads, k, v), `linear_proj`, `{q,k}_layernorm` under `m`.
+    Tensor-parallel by whole heads (KV groups)."""
+    q, kv = heads * head_dim, groups * head_dim
+    shapes = ((2 * q, hidden), (kv, hidden), (kv, hidden))
+    return [
+        Rule(m + "linear_qkv.weight", tuple(h + f"{p}_proj.weight" for p in "qkv"), shapes,
+             views=(ops.Blocks(head_dim),), combine=ops.GatedQKVInterleave(heads // groups, head_dim), shard=HEADS),
+        same(m + "linear_proj.weight", h + "o_proj.weight", (hidden, q), ROW),
+        same(m + "q_layernorm.weight", h + "q_norm.weight", (head_dim,)),
+        same(m + "k_layernorm.weight", h + "k_norm.weight", (head_dim,)),
+    ]
+
+
+def gated_delta_net(
+    m: str, h: str, hidden: int, key_heads: int, value_heads: int, key_dim: int, value_dim: int, kernel: int
+) -> list[Rule]:
+    """A Gated DeltaNet layer: HF `in_proj_{qkv,z,b,a}`, `conv1d`, `A_log`, `dt_bias`, `norm`, `out_proj` under `h`
+    <-> Megatron `in_proj` ([q; k; v; z; beta; alpha] on each TP rank, each its share of the heads), `conv1d`
+    ([q; k; v] channels likewise), `A_log`, `dt_bias`, `out_norm`, `out_proj` under `m`."""
+    qk, v = key_heads * key_dim, value_heads * value_dim
+    qkv = (qk, qk, v)
+    return [
+        Rule(m + "in_proj.weight", tuple(h + f"in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")),
+             ((2 * qk + v, hidden), (v, hidden), (value_heads, hidden), (value_heads, hidden)),
+             first_views=(ops.Sections(qkv),), combine=ops.Concat(qkv + (v, value_heads, value_heads)), shard=COLUMN),
+        Rule(m + "conv1d.weight", (h + "conv1d.weight",), ((2 * qk + v, 1, kernel),),
+             views=(ops.Sections(qkv),), combine=ops.Concat(qkv), shard=COLUMN),
+        same(m + "A_log", h + "A_log", (value_heads,), COLUMN),
+        same(m + "dt_bias", h + "dt_bias", (value_heads,), COLUMN),
+        same(m + "out_norm.weight", h + "norm.weight", (value_dim,)),
+        same(m + "out_proj.weight", h + "out_proj.weight", (hidden, v), ROW),
+    ]
+
+
+def gated_mlp(m: str, h: str, ffn: int, hidden: int, expert: int | None = None) -> list[Rule]:
+    """A SwiGLU MLP (dense, shared experts or one routed expert): HF `{gate,up,down}_proj.weight` under `h`
+    <-> Megatron `linear_fc1.weight` ([gate; up], column-parallel) and `linear_fc2.weight` under `m`."""
+    return [
+        gate_up(m + "linear_fc1.weight", h + "gate_proj.weight", h + "up_proj.weight", (ffn, hidden), expert),
+        down(m + "linear_fc2.weight", h + "down_proj.weight", (hidden, ffn), expert),
+    ]
+
+
+PER_EXPERT = "per_expert"  # HF `experts.{e}.{gate,up,down}_proj.weight` (hub checkpoints, save_pretrained)
+FUSED = "fused"  # HF `experts.gate_up_proj` [E, 2I, H] (gate then up) and `experts.down_proj` [E, H, I]
+EXPERT_LAYOUTS = (PER_EXPERT, FUSED)
+
+
+def detect_expert_layout(hf_names) -> str:
+    """Which routed-expert layout a checkpoint holds (per-expert when it has no fused expert tensor)."""
+    return FUSED if any(n.endswith(".mlp.experts.gate_up_proj") for n in hf_names) else PER_EXPERT
+
+
+def routed_experts(m: str, h: str, experts: int, ffn: int, hidden: int, layout: str = PER_EXPERT) -> list[Rule]:
+    """Every routed expert of one MoE layer, HF names under `h` (`...mlp.experts.`) in `layout`, <->
+    Megatron `local_experts.{e}.linear_fc{1,2}.weight` under `m` (global expert numbers)."""
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert layout {layout!r} is not one of {EXPERT_LAYOUTS}")
+    table = []
+    for e in range(experts):
+        x = m + f"local_experts.{e}."
+        if layout == PER_EXPERT:
+            table += gated_mlp(x, h + f"{e}.", ffn, hidden, expert=e)
+        else:
+            table += [
+                fused_gated_expert(x + "linear_fc1.weight", h + "gate_up_proj", (experts, 2 * ffn, hidden), e),
+                fused_expert(x + "linear_fc2.weight", h + "down_proj", (experts, hidden, ffn), e),
+            ]
+    return table
+
+
