@@ -71,16 +71,16 @@ def validate_config(cfg: DictConfig) -> None:
 
 def build_run(cfg: DictConfig):
     """Everything a run needs, validated before any process is started."""
-    import torch
     from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from bridges.megatron import no_te
     from bridges.megatron.knobs import ModelKnobs
     from bridges.megatron.layout import ParallelLayout
-    from recipes.strategy import DDPKnobs, MegatronStrategy
-    from recipes.vlm_module import module_class_for
+    from recipes.strategy import DDPKnobs
 
     from bridges import dtypes
+    from bridges.checkpoint import hf_config
 
     precision = cfg.trainer.precision
     if precision is None:
@@ -92,15 +92,11 @@ def build_run(cfg: DictConfig):
     knobs.megatron_fields(on_gpu, no_te.use_te_layer_specs(on_gpu))  # settings that need TE, before launch
     ddp = DDPKnobs(**OmegaConf.to_container(cfg.ddp))
     hf_config_path = resolve_path(cfg.model.hf_config)
-    module = module_class_for(hf_config_path)(  # vision-language families get their module
-        hf_config_path=hf_config_path,
-        mtp_enabled=bool(cfg.mtp.enabled),
-        mtp_loss_factor=float(cfg.mtp.loss_factor),
-        params_dtype=str(precision),
-        micro_batch_size=int(cfg.data.micro_batch_size),
-        optim=OmegaConf.to_container(cfg.optim),
-        knobs=knobs,
-    )
+    # The `module` node, given what was checked here (Hydra would turn dataclass arguments into configs:
+    # hence a partial, called with them). The HF config is read here, once.
+    module = instantiate(cfg.module, _partial_=True)(
+        hf_config_path=hf_config_path, source_hf_config=hf_config.load_config(hf_config_path),
+        params_dtype=str(precision), knobs=knobs)
     if cfg.mtp.enabled and not module.mtp_enabled and os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"mtp: off: {hf_config_path} declares no MTP layers "
               f"(num_nextn_predict_layers: {module.source_hf_config.get('num_nextn_predict_layers', 0)}), "
@@ -125,7 +121,7 @@ def build_run(cfg: DictConfig):
         rows = len(load_token_file(data.path, data.seq_length, data.vocab_size)) - data.val_samples
     _check_epoch_length(cfg, rows, data.global_batch_size)
 
-    strategy = MegatronStrategy(**OmegaConf.to_container(cfg.parallel), seed=int(cfg.seed), ddp=ddp)
+    strategy = instantiate(cfg.strategy, _partial_=True)(layout=layout, ddp=ddp)
     nodes = [cfg.get("hf_import"), cfg.get("hf_export"), *(cfg.get("callbacks") or {}).values()]
     callbacks = [instantiate(node) for node in nodes if node]
     callbacks += _default_checkpointing(cfg, callbacks)
@@ -135,7 +131,9 @@ def build_run(cfg: DictConfig):
         precision="32-true",
         strategy=strategy,
         callbacks=callbacks,
-        logger=_logger(),
+        logger=_loggers(cfg),
+        # On with any ModelCheckpoint (callbacks=checkpoint), whatever trainer.enable_checkpointing says.
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         default_root_dir=_run_dir(),
         devices=devices,
     )
@@ -161,12 +159,14 @@ def _check_epoch_length(cfg: DictConfig, rows: int, global_batch_size: int) -> N
 
 def _default_checkpointing(cfg: DictConfig, callbacks: list) -> list:
     """`trainer.enable_checkpointing=true` without a ModelCheckpoint callback: sharded Lightning checkpoints
-    into `<run dir>/checkpoints` (Lightning's default would put them under the logger's directory)."""
+    into `<run dir>/checkpoints`, named as `callbacks=checkpoint` names them (Lightning's default would put
+    them under the logger's directory, named `epoch=E-step=S`)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     if not cfg.trainer.get("enable_checkpointing") or any(isinstance(c, ModelCheckpoint) for c in callbacks):
         return []
-    return [ModelCheckpoint(dirpath=os.path.join(_run_dir(), "checkpoints"))]
+    return [ModelCheckpoint(dirpath=os.path.join(_run_dir(), "checkpoints"), filename="step_{step}",
+                            auto_insert_metric_name=False)]
 
 
 def _device_type(accelerator) -> str:
@@ -216,10 +216,32 @@ def _run_dir() -> str:
     return HydraConfig.get().runtime.output_dir
 
 
-def _logger():
-    from lightning.pytorch.loggers import CSVLogger
+def _loggers(cfg: DictConfig) -> list:
+    """One Lightning logger per node of the `logger` group (none: `logger=null`)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
 
-    return CSVLogger(_run_dir(), name="logs", version="")
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        try:
+            loggers.append(instantiate(node))
+        except InstantiationException as e:  # e.g. logger=tensorboard without the tensorboard package
+            cause = str(e.__cause__ or e).strip().splitlines()[0]
+            raise ValueError(f"logger.{name}: {cause}") from None
+    return loggers
+
+
+def resume_path(ckpt_path: str | None) -> str | None:
+    """`ckpt_path=last`: the newest Lightning checkpoint of the run directory (None, said in one line, when
+    there is none yet: a requeued job's first start); any other value as given."""
+    from recipes.checkpoint import newest_checkpoint
+
+    if ckpt_path != "last":
+        return ckpt_path
+    found = newest_checkpoint(_run_dir())
+    if found is None and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"ckpt_path=last: no checkpoint in {_run_dir()} yet; training starts from the beginning", flush=True)
+    return found
 
 
 def quiet_libraries() -> None:
@@ -260,7 +282,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         if cfg.mode == "fit":
-            trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+            trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg.ckpt_path))
         else:
             trainer.validate(module, datamodule=data)
     except _run_errors() as e:  # every rank prints it: the ranks agreed on the failure

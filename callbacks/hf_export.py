@@ -336,8 +336,9 @@ class HFExportCallback(pl.Callback):
         raise error from cause
 
     def _log(self, trainer, metrics: dict, step: int) -> None:
-        if trainer.global_rank == 0 and trainer.logger is not None:
-            trainer.logger.log_metrics(metrics, step=step)
+        if trainer.global_rank == 0:
+            for logger in trainer.loggers:  # every configured logger (logger=[csv,tensorboard])
+                logger.log_metrics(metrics, step=step)
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -54,7 +54,7 @@ class HFImportCallback(pl.Callback):
         source, error = None, None
         try:  # every check that reads files, before any collective of the import
             source = SafetensorsCheckpoint(self.path)
-            config = hf_config.load_config(self.path)
+            config = _source_config(self.path, pl_module)
             companion_files(self.path)
             state = read_trainer_state(self.path, trainer.max_steps) if restore_progress else None
         except Exception as e:  # noqa: BLE001 - agreed below, so no rank waits in a collective alone
@@ -79,6 +79,14 @@ class HFImportCallback(pl.Callback):
         )
         if state is not None:
             _restore_progress(trainer, state)
+
+
+def _source_config(path: str, pl_module) -> dict:
+    """The import source's HF config: the one the module was built from when it is the same file (read once)."""
+    built_from = getattr(pl_module, "hf_config_path", None)
+    if built_from and os.path.realpath(hf_config.config_path(built_from)) == os.path.realpath(hf_config.config_path(path)):
+        return pl_module.source_hf_config
+    return hf_config.load_config(path)
 
 
 def _usual_dtype(source) -> torch.dtype:

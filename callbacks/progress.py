@@ -14,6 +14,18 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+# (logged metric, name on the line, format); a metric not logged this step is left out.
+_STEP_FIELDS = (
+    ("train/lm_loss", "lm_loss", ".4g"),
+    ("train/mtp_loss", "mtp_loss", ".4g"),
+    ("lr", "lr", ".4g"),
+    ("train/grad_norm", "grad_norm", ".3g"),
+    ("perf/tokens_per_second", "tokens/s", ".0f"),
+    ("perf/tflops_per_second", "TFLOP/s", ".3g"),
+    ("perf/peak_memory_gib", "peak_mem_GiB", ".2f"),
+)
+
+
 class PrintProgress(pl.Callback):
     def __init__(self, every_n_steps: int = 1):
         self.every_n_steps = max(int(every_n_steps), 1)
@@ -28,9 +40,9 @@ class PrintProgress(pl.Callback):
             return
         m = trainer.callback_metrics
         parts = [f"step {step}/{trainer.max_steps}"]
-        for key in ("train/lm_loss", "train/mtp_loss", "lr"):
+        for key, shown, fmt in _STEP_FIELDS:
             if key in m:
-                parts.append(f"{key.split('/')[-1]}={float(m[key]):.4g}")
+                parts.append(f"{shown}={float(m[key]):{fmt}}")
         parts.append(f"{time.monotonic() - self._start:.1f}s")
         print("  ".join(parts), flush=True)
 

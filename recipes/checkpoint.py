@@ -167,6 +167,16 @@ def load(directory: str, module, optimizer, lightning_state: dict, same_layout: 
         _set_rng_bytes(loaded["rng"].reshape(-1))
 
 
+def newest_checkpoint(run_dir: str) -> str | None:
+    """The most recently completed checkpoint directory under `run_dir` (any depth), or None. Complete: its
+    run record, the last file `save` writes, is there."""
+    found = []
+    for directory, _, files in os.walk(run_dir):
+        if RUN_RECORD in files and LIGHTNING_STATE in files:
+            found.append((os.path.getmtime(os.path.join(directory, RUN_RECORD)), directory))
+    return max(found)[1] if found else None
+
+
 def _read_record(directory: str) -> dict:
     path = os.path.join(directory, RUN_RECORD)
     if not os.path.isfile(path):

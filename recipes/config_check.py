@@ -57,6 +57,16 @@ def check_config(cfg: DictConfig, precisions: Iterable[str], export_dtypes: Iter
     else:
         c.integer("trainer.val_check_interval", minimum=1, none=True)
 
+    c.boolean("trainer.enable_checkpointing")
+    if c.get("trainer.logger", _ABSENT) is not _ABSENT:
+        raise ConfigError("trainer.logger", "loggers come from the logger group: logger=csv, logger=tensorboard, "
+                                            "logger=[csv,tensorboard], logger=wandb or logger=null")
+    c.targets("logger")
+    c.targets("callbacks")
+    if c.get("callbacks.checkpoint", None) is not None:
+        c.integer("callbacks.checkpoint.every_n_train_steps", minimum=1, none=True)
+        c.integer("callbacks.checkpoint.save_top_k", minimum=-1)
+
     c.choice("data.kind", DATA_KINDS)
     if c.get("data.kind") == "tokens":
         path = OmegaConf.select(cfg, "data.path", default=None)  # `???` (unset) reads as None
@@ -150,6 +160,20 @@ class _Checker:
             options = ", ".join(map(str, choices)) + (" or null" if none else "")
             raise ConfigError(key, f"expected one of {options}; got {value!r}")
         return shown
+
+    def targets(self, key: str) -> None:
+        """`key` is null or a mapping of named nodes, each naming the class to build in `_target_`."""
+        nodes = self.get(key)
+        if nodes is None:
+            return
+        if not isinstance(nodes, DictConfig):
+            raise ConfigError(key, f"expected named entries (name: {{_target_: ...}}), got {nodes!r}")
+        for name in nodes:
+            node = self.get(f"{key}.{name}")
+            if node is None:
+                continue
+            if not isinstance(node, DictConfig) or not isinstance(node.get("_target_"), str):
+                raise ConfigError(f"{key}.{name}", "expected a node with a `_target_` (the class to build)")
 
     def optional_string(self, key: str) -> str | None:
         value = self.get(key)

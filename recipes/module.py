@@ -7,6 +7,7 @@ scaled by the recipe factor when MTP is on); validation reports the LM loss only
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any
 
@@ -19,6 +20,7 @@ from bridges.checkpoint import hf_config
 from bridges.megatron import build
 from bridges.megatron.knobs import ModelKnobs
 from bridges.models import family_for
+from recipes.flops import training_flops_per_token
 from recipes.optim import MegatronOptimizer, OptimConfig
 
 
@@ -33,11 +35,12 @@ class MegatronGPTModule(pl.LightningModule):
         micro_batch_size: int = 2,
         optim: dict[str, Any] | None = None,
         knobs: ModelKnobs | None = None,
+        source_hf_config: dict[str, Any] | None = None,  # the contents of hf_config_path, when already read
     ):
         super().__init__()
         self.automatic_optimization = False
         self.hf_config_path = hf_config_path
-        self.source_hf_config = hf_config.load_config(hf_config_path)
+        self.source_hf_config = source_hf_config if source_hf_config is not None else hf_config.load_config(hf_config_path)
         self.family = family_for(self.source_hf_config)
         arch = self.family.architecture(self.source_hf_config)
         # MTP off: no MTP block is built and the layer count is cleared so nothing re-enables it.
@@ -126,6 +129,7 @@ class MegatronGPTModule(pl.LightningModule):
         )
 
     def training_step(self, batch, batch_idx):
+        started = time.perf_counter()
         optimizer = self.optimizers()
         megatron_optimizer = optimizer.optimizer
         megatron_optimizer.set_step(self.global_step)
@@ -140,8 +144,9 @@ class MegatronGPTModule(pl.LightningModule):
             metrics["train/grad_norm"] = megatron_optimizer.grad_norm
         if self.mtp_enabled:
             metrics["train/mtp_loss"] = self._on_all_ranks(self._mtp_loss(len(outputs) or 1))
+        metrics.update(self._throughput(batch["tokens"], time.perf_counter() - started))
         self.log_dict(metrics, prog_bar=True, on_step=True, batch_size=batch["tokens"].shape[0])
-        self.last_metrics.update({k: float(v) for k, v in metrics.items() if k != "lr"})
+        self.last_metrics.update({k: float(v) for k, v in metrics.items() if k.startswith("train/")})
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(2, dtype=torch.float64)
@@ -155,6 +160,20 @@ class MegatronGPTModule(pl.LightningModule):
         val = self._on_all_ranks(self._data_parallel_mean(*self._val_sums.tolist()))
         self.log("val/lm_loss", val, prog_bar=True, sync_dist=False)
         self.last_metrics["val/lm_loss"] = float(val)
+
+    def _throughput(self, tokens: torch.Tensor, seconds: float) -> dict[str, float]:
+        """Step time, trained tokens per second over all data-parallel ranks, model TFLOP/s (families with a
+        FLOPs formula: recipes/flops.py) and this rank's peak memory."""
+        from megatron.core import parallel_state
+
+        rows, seq = tokens.shape[0], tokens.shape[1] - 1  # inputs are tokens[:, :-1]
+        step_tokens = rows * seq * parallel_state.get_data_parallel_world_size()
+        out = {"perf/step_seconds": seconds, "perf/tokens_per_second": step_tokens / seconds,
+               "perf/peak_memory_gib": peak_memory_gib(self.device)}
+        flops = training_flops_per_token(self.arch, seq)
+        if flops is not None:
+            out["perf/tflops_per_second"] = flops * step_tokens / seconds / 1e12
+        return out
 
     # ----------------------------------------------------------------- reductions
     def _data_parallel_mean(self, loss_sum: float, tokens: float) -> float:
@@ -191,6 +210,15 @@ class MegatronGPTModule(pl.LightningModule):
         value = float(tracker["values"].mean()) / num_microbatches
         MTPLossLoggingHelper.clean_loss_in_tracker()
         return value
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The most memory this rank has held: allocated on the GPU, or the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

@@ -42,11 +42,13 @@ class MegatronStrategy(DDPStrategy):
 
     def __init__(self, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234,
                  first_stage_layers: int | None = None, last_stage_layers: int | None = None,
-                 virtual_stages: int | None = None, ddp: DDPKnobs | None = None, **kwargs: Any):
+                 virtual_stages: int | None = None, ddp: DDPKnobs | None = None, layout: ParallelLayout | None = None,
+                 **kwargs: Any):
+        """`layout`: the parallel layout (train.py passes the one it checked); without it, made from tp ... virtual_stages."""
         # The process group backend follows the root device (gloo on CPU, NCCL on GPU): Lightning's default.
         super().__init__(**kwargs)
-        self.layout = ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, first_stage_layers=first_stage_layers,
-                                     last_stage_layers=last_stage_layers, virtual_stages=virtual_stages)
+        self.layout = layout or ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, first_stage_layers=first_stage_layers,
+                                               last_stage_layers=last_stage_layers, virtual_stages=virtual_stages)
         self.ddp_knobs = ddp or DDPKnobs()
         self.seed = seed
         self._resume_from: tuple[str, dict, bool] | None = None

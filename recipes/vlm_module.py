@@ -7,6 +7,8 @@ tower's weights are ordinary parameters of the model under `vision.`, which the 
 
 from __future__ import annotations
 
+from typing import Any
+
 from bridges.checkpoint import hf_config
 from bridges.models import family_for
 from bridges.rules.vision_tower import VisionTower
@@ -28,8 +30,15 @@ class MegatronVLMModule(MegatronGPTModule):
                                knobs=self.knobs)
 
 
-def module_class_for(hf_config_path: str) -> type[MegatronGPTModule]:
-    """MegatronVLMModule for a vision-language family's config, else MegatronGPTModule."""
-    config = hf_config.load_config(hf_config_path)
+def module_class_for(config: dict[str, Any]) -> type[MegatronGPTModule]:
+    """MegatronVLMModule for a vision-language family's HF config, else MegatronGPTModule."""
     vision = family_for(config).architecture(config).extra.get("vision")
     return MegatronVLMModule if isinstance(vision, VisionTower) else MegatronGPTModule
+
+
+def megatron_module(hf_config_path: str, source_hf_config: dict[str, Any] | None = None,
+                    **kwargs: Any) -> MegatronGPTModule:
+    """The module for the HF config at `hf_config_path` (its contents `source_hf_config` when already read);
+    `kwargs`: MegatronGPTModule's."""
+    config = source_hf_config if source_hf_config is not None else hf_config.load_config(hf_config_path)
+    return module_class_for(config)(hf_config_path, source_hf_config=config, **kwargs)
