@@ -11,7 +11,8 @@ import torch
 
 from bridges.checkpoint.files import contained_regular_file
 
-# Files of an HF model directory that travel with every export (tokenizer and generation settings).
+# Files of an HF model directory that travel with every export (tokenizer, chat template, generation settings,
+# processor settings).
 COMPANION_FILES = (
     "generation_config.json",
     "tokenizer.json",
@@ -24,6 +25,10 @@ COMPANION_FILES = (
     "tokenizer.model",
     "chat_template.jinja",
     "chat_template.json",
+    # a vision-language model's processor (AutoProcessor): image and video preprocessing, the processor itself
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
 )
 
 
