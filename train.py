@@ -62,11 +62,10 @@ def resolve_path(path: str) -> str:
 
 def validate_config(cfg: DictConfig) -> None:
     """Every key's type, range and choice, before anything is built (raises recipes.config_check.ConfigError)."""
-    from bridges.dtypes import PRECISIONS
-    from callbacks.hf_export import EXPORT_DTYPES
+    from bridges.dtypes import DTYPE_NAMES, PRECISIONS
     from recipes.config_check import check_config
 
-    check_config(cfg, precisions=PRECISIONS, export_dtypes=EXPORT_DTYPES)
+    check_config(cfg, precisions=PRECISIONS, export_dtypes=DTYPE_NAMES)
 
 
 def build_run(cfg: DictConfig):
@@ -217,7 +216,7 @@ def _run_dir() -> str:
 
 
 def _loggers(cfg: DictConfig) -> list:
-    """One Lightning logger per node of the `logger` group (none: `logger=null`)."""
+    """One Lightning logger per node of the `logger` group (none: `~logger` on the command line)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 

@@ -23,20 +23,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import lightning.pytorch as pl
-import torch
 import torch.distributed as dist
 
 from bridges.export import directory as export_dir
 from bridges.export.specs import export_pieces, export_specs, hf_tensor_specs
 from bridges.export.writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
-from bridges.checkpoint.hf_config import dtype_name
+from bridges import dtypes
+from bridges.checkpoint.hf_config import with_legacy_spellings
 from bridges.checkpoint.pieces import Piece, PieceSpec, full_region
 from bridges.rank_status import agree, first_failure
 from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 from callbacks.progress import say
 
-EXPORT_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                 "fp16": torch.float16, "float16": torch.float16}
 
 
 class HFExportError(RuntimeError):
@@ -80,8 +78,8 @@ class HFExportCallback(pl.Callback):
             raise ValueError(f"hf_export.on_error must be 'raise' or 'warn', got {on_error!r}")
         if mode not in ("owner", "gather"):
             raise ValueError(f"hf_export.mode must be 'owner' or 'gather', got {mode!r}")
-        if dtype is not None and dtype not in EXPORT_DTYPES:
-            raise ValueError(f"hf_export.dtype must be one of {sorted(EXPORT_DTYPES)} or null, got {dtype!r}")
+        if dtype is not None and dtype not in dtypes.DTYPE_NAMES:
+            raise ValueError(f"hf_export.dtype must be one of {sorted(dtypes.DTYPE_NAMES)} or null, got {dtype!r}")
         if not group_timeout_minutes or group_timeout_minutes <= 0:
             raise ValueError(f"hf_export.group_timeout_minutes must be > 0, got {group_timeout_minutes}")
         if keep_last_k is not None and keep_last_k < 1:
@@ -90,7 +88,7 @@ class HFExportCallback(pl.Callback):
         self.every_n_train_steps = every_n_train_steps or 0
         self.save_last = save_last
         self.keep_last_k = keep_last_k
-        self.dtype = EXPORT_DTYPES[dtype] if dtype else None
+        self.dtype = dtypes.DTYPE_NAMES[dtype] if dtype else None
         self.async_write = async_write
         self.mtp_passthrough = mtp_passthrough
         self.mode = mode
@@ -244,7 +242,8 @@ class HFExportCallback(pl.Callback):
             if trainer.global_rank == 0:  # rank 0 writes them, read from the source while writing
                 pieces = itertools.chain(pieces, (Piece(c, reader.read(c.hf_name)) for c in carried))
                 piece_specs = None if piece_specs is None else piece_specs + carried
-        config = pl_module.family.hf_config(config_arch, source.config if source else None, dtype)
+        # Spelled for transformers 4.x and 5.x alike (servers still run 4.x).
+        config = with_legacy_spellings(pl_module.family.hf_config(config_arch, source.config if source else None, dtype))
         datamodule = trainer.datamodule
         gbs = getattr(datamodule, "global_batch_size", None)
         layout_info = trainer.strategy.layout
@@ -254,7 +253,7 @@ class HFExportCallback(pl.Callback):
             "recipe": self.recipe,
             "parallel": {"tp": layout_info.tp, "pp": layout_info.pp, "ep": layout_info.ep, "etp": layout_info.expert_tp,
                          "world_size": trainer.world_size},
-            "dtype": dtype_name(dtype),
+            "dtype": dtypes.hf_name(dtype),
             "mtp_enabled": pl_module.mtp_enabled,
             "import_source": source.path if source else None,
             "run_id": self.run_id,

@@ -1,7 +1,8 @@
 """Read an HF `config.json` and normalise the fields whose spelling changed between transformers 4 and 5.
 
 Hub checkpoints (transformers 4 era) carry top-level `rope_theta`, `partial_rotary_factor` and
-`torch_dtype`; transformers 5 writes `rope_parameters` and `dtype`. Families read both through here.
+`torch_dtype`; transformers 5 writes `rope_parameters` and `dtype`. Families read both through here, and
+exports write both (`with_legacy_spellings`), so either release reads the same RoPE and dtype.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from typing import Any
 
 import torch
 
+from bridges import dtypes
 from bridges.checkpoint.files import CheckpointFileError, check_regular_file
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFConfigError(ValueError):
@@ -71,17 +71,37 @@ def dtype(config: dict[str, Any], default: torch.dtype = torch.float32) -> torch
     name = config.get("dtype") or config.get("torch_dtype")
     if name is None:
         return default
-    name = str(name).replace("torch.", "")
-    if name not in _DTYPES:
-        raise HFConfigError(f"HF config dtype {name!r} is not supported (one of {sorted(_DTYPES)})")
-    return _DTYPES[name]
+    value = dtypes.from_name(name)
+    if value is None:
+        supported = sorted(dtypes.hf_name(d) for d in set(dtypes.DTYPE_NAMES.values()))
+        raise HFConfigError(f"HF config dtype {name!r} is not supported (one of {supported})")
+    return value
 
 
 def dtype_name(value: torch.dtype) -> str:
-    for name, candidate in _DTYPES.items():
-        if candidate == value:
-            return name
-    raise HFConfigError(f"dtype {value} has no HF name")
+    try:
+        return dtypes.hf_name(value)
+    except KeyError:
+        raise HFConfigError(f"dtype {value} has no HF name") from None
+
+
+def with_legacy_spellings(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` (transformers 5 spelling) plus the fields transformers 4.x reads for the same values: top-level
+    `rope_theta`, `partial_rotary_factor` and `rope_scaling` (the other RoPE fields; null for plain RoPE) beside
+    `rope_parameters`, and `torch_dtype` beside `dtype`; in `text_config` too. transformers 5 reads the same."""
+    out = dict(config)
+    if isinstance(out.get("text_config"), dict):
+        out["text_config"] = with_legacy_spellings(out["text_config"])
+    rope = out.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:  # one RoPE for every layer (not one per layer type)
+        out["rope_theta"] = rope["rope_theta"]
+        if "partial_rotary_factor" in rope:
+            out["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        out["rope_scaling"] = None if scaling in ({}, {"rope_type": "default"}) else scaling
+    if out.get("dtype") is not None:
+        out["torch_dtype"] = out["dtype"]
+    return out
 
 
 # ---- the fields of a SwiGLU / RMSNorm decoder that families spell alike ------------------------------

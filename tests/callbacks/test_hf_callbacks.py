@@ -260,6 +260,10 @@ def test_export_directory_contents(world2, source):
     assert state["parallel"]["ep"] == 2 and state["export_seconds"] > 0
     config = json.load(open(f"{d}/config.json"))
     assert config["num_nextn_predict_layers"] == 1 and config["model_type"] == "glm4_moe"
+    # transformers 4.x spellings of the same RoPE and dtype beside the 5.x ones
+    rope = config["rope_parameters"]
+    assert (config["rope_theta"], config["partial_rotary_factor"]) == (rope["rope_theta"], rope["partial_rotary_factor"])
+    assert config["rope_scaling"] is None and config["torch_dtype"] == config["dtype"]
     index = json.load(open(f"{d}/model.safetensors.index.json"))
     on_disk = {}
     for f in set(index["weight_map"].values()):
