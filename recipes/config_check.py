@@ -60,7 +60,7 @@ def check_config(cfg: DictConfig, precisions: Iterable[str], export_dtypes: Iter
     c.boolean("trainer.enable_checkpointing")
     if c.get("trainer.logger", _ABSENT) is not _ABSENT:
         raise ConfigError("trainer.logger", "loggers come from the logger group: logger=csv, logger=tensorboard, "
-                                            "logger=[csv,tensorboard], logger=wandb or logger=null")
+                                            "logger=[csv,tensorboard], logger=wandb or ~logger")
     c.targets("logger")
     c.targets("callbacks")
     if c.get("callbacks.checkpoint", None) is not None:

@@ -66,11 +66,24 @@ def test_every_recipe_passes(recipe):
         ("hf_export.on_error=ignore", "hf_export.on_error: expected one of raise, warn; got 'ignore'"),
         ("hf_export.async_write=maybe", "hf_export.async_write: expected true or false, got 'maybe'"),
         ("data=tokens", "data.path: data=tokens needs a token file"),
+        ("+trainer.logger=false", "trainer.logger: loggers come from the logger group"),
+        ("trainer.enable_checkpointing=maybe", "trainer.enable_checkpointing: expected true or false, got 'maybe'"),
+        ("+logger.mine.name=x", "logger.mine: expected a node with a `_target_`"),
+        ("+callbacks.mine=3", "callbacks.mine: expected a node with a `_target_`"),
+        ("callbacks=checkpoint callbacks.checkpoint.every_n_train_steps=0",
+         "callbacks.checkpoint.every_n_train_steps: must be >= 1, got 0"),
+        ("callbacks=checkpoint callbacks.checkpoint.save_top_k=-2", "callbacks.checkpoint.save_top_k: must be >= -1, got -2"),
     ],
 )
 def test_bad_value_names_the_key(override, message):
     extra = ["data.micro_batch_size=4"] if override.startswith("data.global_batch_size=6") else []
-    assert message in _error(override, *extra)
+    assert message in _error(*override.split(" "), *extra)
+
+
+@pytest.mark.parametrize("overrides", [["logger=[csv,tensorboard]", "callbacks=checkpoint"], ["logger=wandb"],
+                                       ["~logger", "trainer.enable_checkpointing=true", "ckpt_path=last"]])
+def test_logger_and_checkpoint_choices_pass(overrides):
+    train.validate_config(_compose(*overrides))
 
 
 def test_precision_names_come_from_the_one_table(monkeypatch):
@@ -96,7 +109,7 @@ def test_mtp_requested_but_absent_from_the_config_is_said_in_one_line(tmp_path, 
     config = json.load(open(os.path.join(CONF, "model", "glm45_tiny", "config.json")))
     (tmp_path / "config.json").write_text(json.dumps(dict(config, num_nextn_predict_layers=0)))
     monkeypatch.setattr(train, "_run_dir", lambda: str(tmp_path))
-    cfg = _compose("recipe=glm45", f"model.hf_config={tmp_path}", "~hf_export",
+    cfg = _compose("recipe=glm45", f"model.hf_config={tmp_path}", "~hf_export", "~logger",
                    f"callbacks.metrics_file.path={tmp_path}/metrics.json")
     _, module, _ = train.build_run(cfg)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mtp: off")]

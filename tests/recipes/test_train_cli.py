@@ -1,6 +1,7 @@
 """`python train.py ...` as a user runs it: the embedded default trains, bad values fail fast."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -50,3 +51,58 @@ def test_bad_values_fail_fast_with_one_line(tmp_path, overrides, message):
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+
+
+STEP_METRICS = {"train/lm_loss", "train/grad_norm", "perf/step_seconds", "perf/tokens_per_second",
+                "perf/tflops_per_second", "perf/peak_memory_gib"}
+EXPORT_METRICS = {"hf_export/seconds", "hf_export/stall_seconds", "hf_export/bytes"}
+
+
+def test_logger_list_writes_csv_and_tensorboard_with_step_and_export_metrics(tmp_path):
+    pytest.importorskip("tensorboard")  # in the test extra (pyproject.toml)
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bridges.checkpoint import hf_config
+    from bridges.models import family_for
+    from recipes.flops import training_flops_per_token
+
+    done = train(tmp_path, "recipe=glm45", "logger=[csv,tensorboard]", "trainer.max_steps=2",
+                 "trainer.limit_val_batches=0", "hf_export.every_n_train_steps=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert STEP_METRICS | EXPORT_METRICS <= set(events.Tags()["scalars"])
+    rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
+    assert STEP_METRICS | EXPORT_METRICS <= set(rows[0])
+    step = next(r for r in rows if r["perf/tokens_per_second"])
+    seconds, rate = float(step["perf/step_seconds"]), float(step["perf/tokens_per_second"])
+    assert rate * seconds == pytest.approx(8 * 64, rel=1e-5)  # global batch x sequence length, over all ranks
+    config = hf_config.load_config("conf/model/glm45_tiny")
+    flops = training_flops_per_token(family_for(config).architecture(config), 64)
+    assert float(step["perf/tflops_per_second"]) == pytest.approx(flops * rate / 1e12, rel=1e-5)
+    assert [e.value for e in events.Scalars("train/lm_loss")] == pytest.approx(
+        [float(r["train/lm_loss"]) for r in rows if r["train/lm_loss"]], rel=1e-6)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("step 2/2"))
+    assert all(f"{name}=" in line for name in ("grad_norm", "tokens/s", "TFLOP/s", "peak_mem_GiB")), line
+
+
+def test_checkpoint_callback_or_trainer_flag_checkpoint_and_ckpt_path_last_resumes(tmp_path):
+    common = ["recipe=glm45", "trainer.limit_val_batches=0", "~hf_export"]
+    # The checkpoint callback node, every 2 steps; ckpt_path=last in a run directory without checkpoints.
+    straight = train(tmp_path / "a", *common, "callbacks=checkpoint", "callbacks.checkpoint.every_n_train_steps=2",
+                     "trainer.max_steps=4", "ckpt_path=last")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "ckpt_path=last: no checkpoint in" in straight.stdout
+    assert sorted(os.listdir(tmp_path / "a" / "run" / "checkpoints")) == ["step_2.ckpt", "step_4.ckpt"]
+    losses = logged_losses(tmp_path / "a" / "run")
+    # Only trainer.enable_checkpointing: a checkpoint at the end; a second start resumes from it.
+    first = train(tmp_path / "b", *common, "trainer.enable_checkpointing=true", "trainer.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert os.listdir(tmp_path / "b" / "run" / "checkpoints") == ["step_2.ckpt"]
+    resumed = train(tmp_path / "b", *common, "trainer.enable_checkpointing=true", "trainer.max_steps=4", "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("step ")] == ["3/4", "4/4"]
+    assert logged_losses(tmp_path / "b" / "run")[-2:] == losses[2:]  # fp32, same layout: bit for bit
