@@ -158,7 +158,7 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
 
     # ---- the callback: blocked time per export, sync and async; compute lost beside the async write
     hf_export_module.write_checkpoint = functools.partial(write_checkpoint, fsync=False)  # page cache, see above
-    trainer = SimpleNamespace(global_step=0, global_rank=rank, world_size=world, logger=None, datamodule=None,
+    trainer = SimpleNamespace(global_step=0, global_rank=rank, world_size=world, loggers=[], datamodule=None,
                               default_root_dir=os.path.join(scratch, case), strategy=SimpleNamespace(layout=layout))
     module = SimpleNamespace(hf_source=None, params_dtype=torch.float32, arch=arch, family=glm45, model=model,
                              mtp_enabled=True)

@@ -133,3 +133,18 @@ def _world4(tmp):
 def test_tp2_ep2_same_layout_resume_is_bit_exact(tmp_path):
     for straight, resumed in run_distributed(4, _world4, str(tmp_path), timeout=900):
         assert resumed == straight[3:]
+
+
+def test_newest_checkpoint_is_the_last_completed_one_under_the_run_directory(tmp_path):
+    from recipes.checkpoint import LIGHTNING_STATE, RUN_RECORD, newest_checkpoint
+
+    assert newest_checkpoint(str(tmp_path)) is None
+    for age, name in ((30, "checkpoints/step_10.ckpt"), (20, "checkpoints/step_2.ckpt"), (10, "other/step_5.ckpt")):
+        directory = tmp_path / name
+        directory.mkdir(parents=True)
+        for file in (LIGHTNING_STATE, RUN_RECORD):
+            (directory / file).write_text("{}")
+        os.utime(directory / RUN_RECORD, (1e9 - age, 1e9 - age))
+    (tmp_path / "checkpoints" / "step_9.ckpt").mkdir()  # unfinished: no run record
+    (tmp_path / "checkpoints" / "step_9.ckpt" / LIGHTNING_STATE).write_text("{}")
+    assert newest_checkpoint(str(tmp_path)) == str(tmp_path / "other" / "step_5.ckpt")

@@ -90,19 +90,20 @@ def test_logger_list_writes_csv_and_tensorboard_with_step_and_export_metrics(tmp
 
 
 def test_checkpoint_callback_or_trainer_flag_checkpoint_and_ckpt_path_last_resumes(tmp_path):
-    common = ["recipe=glm45", "trainer.limit_val_batches=0", "~hf_export"]
+    import shutil
+
+    common = ["recipe=glm45", "trainer.limit_val_batches=0", "~hf_export", "trainer.max_steps=4", "ckpt_path=last"]
     # The checkpoint callback node, every 2 steps; ckpt_path=last in a run directory without checkpoints.
-    straight = train(tmp_path / "a", *common, "callbacks=checkpoint", "callbacks.checkpoint.every_n_train_steps=2",
-                     "trainer.max_steps=4", "ckpt_path=last")
+    straight = train(tmp_path, *common, "callbacks=checkpoint", "callbacks.checkpoint.every_n_train_steps=2")
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "ckpt_path=last: no checkpoint in" in straight.stdout
-    assert sorted(os.listdir(tmp_path / "a" / "run" / "checkpoints")) == ["step_2.ckpt", "step_4.ckpt"]
-    losses = logged_losses(tmp_path / "a" / "run")
-    # Only trainer.enable_checkpointing: a checkpoint at the end; a second start resumes from it.
-    first = train(tmp_path / "b", *common, "trainer.enable_checkpointing=true", "trainer.max_steps=2")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert os.listdir(tmp_path / "b" / "run" / "checkpoints") == ["step_2.ckpt"]
-    resumed = train(tmp_path / "b", *common, "trainer.enable_checkpointing=true", "trainer.max_steps=4", "ckpt_path=last")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["step_2.ckpt", "step_4.ckpt"]
+    losses = logged_losses(tmp_path / "run")
+    # As if the job had died after step 3: the same run directory again, with only trainer.enable_checkpointing.
+    shutil.rmtree(checkpoints / "step_4.ckpt")
+    resumed = train(tmp_path, *common, "trainer.enable_checkpointing=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("step ")] == ["3/4", "4/4"]
-    assert logged_losses(tmp_path / "b" / "run")[-2:] == losses[2:]  # fp32, same layout: bit for bit
+    assert logged_losses(tmp_path / "run")[-2:] == losses[2:]  # fp32, same layout: bit for bit
+    assert sorted(os.listdir(checkpoints)) == ["step_2.ckpt", "step_4.ckpt"]  # the flag alone checkpoints
