@@ -128,3 +128,15 @@ def test_token_file_shorter_than_the_validation_interval_is_refused(tmp_path, mo
     with pytest.raises(DataConfigError, match="trainer.val_check_interval: 5 steps between validations, but an "
                                               "epoch of data.path has only 3 steps"):
         train.build_run(cfg)
+
+
+def test_wandb_node_builds_an_offline_logger_when_wandb_is_installed(tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = _compose("logger=wandb", "recipe=gpt_oss").logger.wandb
+    assert node._target_ == "lightning.pytorch.loggers.WandbLogger" and node.offline is False
+    assert OmegaConf.to_container(node)["save_dir"] == "${hydra:runtime.output_dir}"  # the run directory
+    pytest.importorskip("wandb")  # not a test dependency: the `loggers` extra
+    logger = instantiate(node, save_dir=str(tmp_path), name="gpt_oss", offline=True)
+    assert type(logger).__name__ == "WandbLogger" and logger.name == "gpt_oss"
