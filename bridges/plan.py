@@ -70,6 +70,10 @@ class ExportPlanSummary:
         return self.busiest / (write_gbps * GB)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds * 1e3:.3g} ms"
+
+
 def smallest_world(layout: ParallelLayout) -> int:
     """The fewest ranks the layout runs on: a multiple of tp x pp and of etp x ep x pp."""
     return math.lcm(layout.tp * layout.pp, layout.expert_tp * layout.ep * layout.pp)
@@ -121,8 +125,8 @@ def describe(plan: ExportPlanSummary, write_gbps: float) -> list[str]:
                    if set(plan.vision_writers) <= set(plan.first_stage_ranks) else f"ranks {plan.vision_writers}")
         lines.append(f"vision tower: {plan.vision_tensors} tensors, {_size(plan.vision_bytes)}, written by {writers}")
     lines.append(
-        f"expected export time at {write_gbps:g} GB/s per rank: {plan.seconds(write_gbps):.2f} s (the busiest rank); "
-        f"{plan.total_bytes / (write_gbps * GB):.2f} s if all ranks share one {write_gbps:g} GB/s path"
+        f"expected export time at {write_gbps:g} GB/s per rank: {_duration(plan.seconds(write_gbps))} (the busiest "
+        f"rank); {_duration(plan.total_bytes / (write_gbps * GB))} if all ranks share one {write_gbps:g} GB/s path"
     )
     return lines
 
