@@ -49,6 +49,20 @@ def test_vision_language_plan_matches_transformers_and_puts_the_vision_tower_on_
     assert plan.merged_tensors > 0  # TP2: row-parallel shards go to one writer
 
 
+@pytest.mark.parametrize("name", sorted(os.listdir(TINY)))
+def test_every_shipped_family_plans_with_every_byte_written_once(name):
+    from bridges.export.specs import hf_tensor_specs
+    from bridges.models import family_for
+
+    config = json.load(open(os.path.join(TINY, name, "config.json")))
+    family = family_for(config)
+    plan = plan_export_of(config, ParallelLayout(tp=2, pp=2, ep=2, etp=1), world=8)  # checks coverage itself
+    specs = hf_tensor_specs(family, family.architecture(config), torch.bfloat16)
+    assert plan.total_bytes == sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+    assert set(plan.vision_writers) <= set(plan.first_stage_ranks) == set(range(4))
+    assert bool(plan.vision_tensors) == ("vision_config" in config)
+
+
 def test_tiny_config_cli_prints_the_plan(capsys):
     code, out, err = _run(capsys, os.path.join(TINY, "glm45_tiny"), "--tp", 2, "--ep", 2, "--write-gbps", 0.5)
     assert code == 0 and not err
