@@ -103,8 +103,7 @@ def build_run(cfg: DictConfig):
     layout = ParallelLayout(**OmegaConf.to_container(cfg.parallel))
     devices = devices_per_node(cfg.trainer.devices, str(cfg.trainer.accelerator))
     world_size = devices * int(cfg.trainer.num_nodes)
-    layout.check(world_size, module.arch.num_experts or 0, module.arch.num_layers, module.arch.expert_biases,
-                 module.arch.tensor_parallel_heads)
+    layout.check_model(world_size, module.arch)
     check_model_settings(module, layout)
 
     data = instantiate(cfg.data)

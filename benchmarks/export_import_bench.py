@@ -11,7 +11,7 @@ Per case (a parallel layout on 1 or 2 gloo processes on this machine), every ran
   long the export takes, and how much compute a busy loop loses while the background write runs;
 - memory: peak resident bytes above the rank's level before the export, for each of the three exports;
 - import: `import_weights` from our export's files against `load_file` + touching every tensor from rank 0,
-  with the bytes each rank reads.
+  with the bytes each rank reads and its peak resident memory above the level before the import.
 Files are written to the page cache (no fsync, also in the callback, through a patch of its writer): the
 disk of this machine (~90 MB/s) would otherwise make every contender take the same time. At world 1 the
 callback also runs as it ships (fsync), `--durable-runs` times.
@@ -107,6 +107,7 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
         "rank": rank, "world": world, "hf_bytes": sum(_nbytes(s) for s in specs.values()),
         "largest_tensor": max(_nbytes(s) for s in specs.values()), "tensors": len(specs),
         "own_param_bytes": sum(held.values()), "written_bytes": sum(piece_nbytes(s) for s in mine),
+        "largest_local_param": max(held.values()),
     }
     # The single writer's input: the same HF tensors (names, shapes, dtype), whole, in one process.
     gen = torch.Generator().manual_seed(0)
@@ -216,6 +217,10 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
         contenders = [("ours", our_import), ("load_file", on_rank0(load_and_touch))]
         for label, fn in contenders[:: 1 if r % 2 == 0 else -1]:
             imported[label].append(timed(fn, f"import {label}"))
+    dist.barrier()
+    with PeakRSS() as peak:  # the files' pages mapped while read count too: they are resident in this process
+        our_import()
+    imported["peak_extra"] = peak.extra
     figures["import"] = imported
 
     # ---- memory: peak above the level before (free heap pages returned first, so reuse counts)
@@ -282,7 +287,8 @@ def summarise(case: str, ranks: list[dict]) -> dict:
         } if r0.get("callback_durable") else None,
         "per_rank": [
             {"own_param_bytes": r["own_param_bytes"], "written_bytes": r["written_bytes"],
-             "bytes_read": r["import"]["bytes_read"], "memory": r["memory"]}
+             "bytes_read": r["import"]["bytes_read"], "memory": r["memory"],
+             "import_peak_extra": r["import"]["peak_extra"], "largest_local_param": r["largest_local_param"]}
             for r in ranks
         ],
         "runs": {  # every run, in seconds (rank 0)

@@ -20,6 +20,7 @@ from bridges.export.writer import DEFAULT_BATCH_BYTES  # noqa: E402
 GB = 1e9
 MB = 1e6
 BUFFER = DEFAULT_BATCH_BYTES  # the "bounded buffer" of the memory targets: the writer's own batch bound
+READ_TARGET = 1.05  # import: bytes read per rank / bytes it holds
 CASE_NAMES = {"ep1": "world 1 (EP1)", "ep2": "world 2 (EP2)", "tp2": "world 2 (TP2)"}
 
 
@@ -45,7 +46,9 @@ def rows(figures: dict) -> dict:
             "lost": c["async_lost_compute"] / c["sync_blocked"],
             "import_ratio": c["import_ours"] / c["import_load_file"],
             "import_ok": c["import_ours"] / c["import_load_file"] <= 1.5,
-            "read_ratio": read_ratio, "read_ok": read_ratio <= 1.1,
+            "read_ratio": read_ratio, "read_ok": read_ratio <= READ_TARGET,
+            "import_extra": max(r["import_peak_extra"] for r in c["per_rank"]),
+            "import_mem_ok": all(r["import_peak_extra"] <= sync_bound for r in c["per_rank"]),
             "lib_sync_ok": all(r["memory"]["library sync"] <= sync_bound for r in c["per_rank"]),
             "cb_sync_ok": all(r["memory"]["callback sync"] <= sync_bound for r in c["per_rank"]),
             "async_ok": all(r["memory"]["callback async"] <= r["own_param_bytes"] + sync_bound for r in c["per_rank"]),
@@ -61,7 +64,8 @@ def table(figures: dict, plan: dict | None) -> str:
             f"{CASE_NAMES.get(name, name):<14} export {c['export_ours']:6.2f} s vs save_file {c['export_save_file']:6.2f} s "
             f"= {d['ratio']:4.2f}x ({d['ours_gbps']:.2f} vs {d['ref_gbps']:.2f} GB/s) | stall async {c['async_blocked']:5.2f} s "
             f"/ sync {c['sync_blocked']:5.2f} s = {100 * d['stall']:3.0f}% | import {c['import_ours']:5.2f} s vs load_file "
-            f"{c['import_load_file']:5.2f} s = {d['import_ratio']:4.2f}x, read {d['read_ratio']:.2f}x held"
+            f"{c['import_load_file']:5.2f} s = {d['import_ratio']:4.2f}x, read {d['read_ratio']:.2f}x held, "
+            f"extra memory {d['import_extra'] / MB:.0f} MB"
         )
         for i, r in enumerate(c["per_rank"]):
             m = r["memory"]
@@ -69,7 +73,8 @@ def table(figures: dict, plan: dict | None) -> str:
                 f"{'':<14}   rank {i}: extra memory library sync {m['library sync'] / MB:6.0f} MB, callback sync "
                 f"{m['callback sync'] / MB:6.0f} MB, async {m['callback async'] / MB:6.0f} MB (holds "
                 f"{r['own_param_bytes'] / MB:.0f} MB, writes {r['written_bytes'] / MB:.0f} MB; largest tensor "
-                f"{c['largest_tensor'] / MB:.0f} MB)"
+                f"{c['largest_tensor'] / MB:.0f} MB); import: extra memory {r['import_peak_extra'] / MB:.0f} MB, "
+                f"read {r['bytes_read'] / r['own_param_bytes']:.3f}x held"
             )
     for p in (plan or {}).get("layouts", []):
         lines.append(
@@ -167,12 +172,15 @@ def markdown(figures: dict, plan: dict | None, png: str | None) -> str:
         "Import",
         "Ours: `import_weights` from our export's file (every rank reads the regions of its own parameters, "
         "converts and copies them in). Reference: `safetensors.torch.load_file` of the same file with every "
-        "tensor's bytes touched, from one process. Page cache warm for both.",
+        "tensor's bytes touched, from one process. Page cache warm for both. Peak extra memory: resident bytes "
+        "above the level before one more import (the checkpoint's pages mapped while they are read included); "
+        f"bound: largest tensor + the {BUFFER / 2**20:.0f} MiB buffer.",
         ["layout", "ours (s)", "load_file + touch (s)", "ours / load_file", "target", "",
-         "bytes read / bytes held, worst rank", "target", "", "best runs: ours / load_file",
-         "CPU s: ours (busiest rank) / load_file"],
+         "bytes read / bytes held, worst rank", "target", "", "peak extra memory, worst rank (MB)", "bound (MB)", "",
+         "best runs: ours / load_file", "CPU s: ours (busiest rank) / load_file"],
         [[name(n), f"{d['c']['import_ours']:.2f}", f"{d['c']['import_load_file']:.2f}", f"{d['import_ratio']:.2f}x",
-          "<= 1.5x", _mark(d["import_ok"]), f"{d['read_ratio']:.2f}x", "<= 1.1x", _mark(d["read_ok"]),
+          "<= 1.5x", _mark(d["import_ok"]), f"{d['read_ratio']:.3f}x", f"<= {READ_TARGET}x", _mark(d["read_ok"]),
+          f"{d['import_extra'] / MB:.0f}", f"{(d['c']['largest_tensor'] + BUFFER) / MB:.0f}", _mark(d["import_mem_ok"]),
           _best(d["c"], "import", "ours", "load_file"), _cpu(d["c"], "import_ours_cpu", "import_load_file_cpu")]
          for n, d in r.items()],
     )
@@ -277,12 +285,23 @@ def _verdicts(r: dict, plan: dict | None) -> list[str]:
         "snapshot list.",
         f"- **Async peak extra memory <= the rank's parameter bytes + that**: {all_met('async_ok')}.",
         f"- **Import within 1.5x of load_file**: {all_met('import_ok')} "
-        f"({listing(lambda d: '%.2fx' % d['import_ratio'])}). **Bytes read per rank within 1.1x of what it holds**: "
-        f"{all_met('read_ok')} ({listing(lambda d: '%.2fx' % d['read_ratio'])}): import also reads the MTP layer's "
-        "copies of the embedding and the output layer (`model.layers.N.embed_tokens`, `shared_head.head`) to warn "
-        "when they differ from the main weights; with a 32k vocabulary those are two large tensors of a small model. "
-        "At full scale the ranks holding a shard of the embedding or of the output layer read it twice as well. "
-        "bridges/load.py could check the copies on one data-parallel replica only, or by sampling rows.",
+        f"({listing(lambda d: '%.2fx' % d['import_ratio'])}). **Bytes read per rank within {READ_TARGET}x of what it "
+        f"holds**: {all_met('read_ok')} ({listing(lambda d: '%.3fx' % d['read_ratio'])}; beyond its parameters the "
+        f"worst rank read {listing(lambda d: '%.1f MB' % (_read_excess(d['c']) / MB))}). Import reads the regions of "
+        "the rank's own parameters once each; the MTP layer's copies of the embedding and the output layer "
+        "(`model.layers.N.embed_tokens`, `shared_head.head`), read whole on every rank before, are compared with the "
+        "main weights on 1 MiB of row blocks spread over each shard (bridges/load.py `MIRROR_SAMPLE_BYTES`), on the "
+        "first data-parallel replica only. A copy that differs in a few rows only is no longer seen; reading it "
+        "whole would cost the target (here two 131 MB tensors against 0.6-1.2 GB held per rank). What is left above "
+        "1.0x is those samples (2 MiB on a checking rank).",
+        f"- **Import peak extra memory <= largest tensor + buffer**: {all_met('import_mem_ok')} "
+        f"({listing(lambda d: '%.0f MB' % (d['import_extra'] / MB))} on the worst rank, bound "
+        f"{listing(lambda d: '%.0f MB' % ((d['c']['largest_tensor'] + BUFFER) / MB))}): each rank reads, converts "
+        "and copies in one parameter at a time, so the values of one parameter (its HF regions, mapped from the "
+        "file, and the converted tensor where the layouts differ) are held at once, and the file pages mapped "
+        "while reading are released after every 256 MiB (bridges/load.py `RELEASE_BYTES`; a tensor-parallel column "
+        "shard maps whole rows, the kernel whole folios). Before, a rank staged its whole share first "
+        "(+1152 MiB at world 1).",
     ]
     if plan:
         worst = max(p["busiest_over_mean"] for p in plan["layouts"])
@@ -297,6 +316,10 @@ def _verdicts(r: dict, plan: dict | None) -> list[str]:
             f"{checks:.1f} s) at every export, and receives every rank's piece list to do so."
         )
     return out
+
+
+def _read_excess(c: dict) -> float:
+    return max(r["bytes_read"] - r["own_param_bytes"] for r in c["per_rank"])
 
 
 def _durable(r: dict) -> str:

@@ -1,13 +1,16 @@
-"""Import, in memory: an HF checkpoint (`HFSource`) -> this rank's Megatron shards, all or nothing.
+"""Import, in memory: an HF checkpoint (`HFSource`) -> this rank's Megatron shards.
 
-Every rank checks the whole checkpoint's metadata and its own parameters first, then reads only the
-regions its parameters need into a staging copy; after each step all ranks agree on failure (an
-all-reduce on the default group) before any parameter changes, so no rank hangs and no model is half loaded.
+Every rank checks the whole checkpoint's metadata and its own parameters first, and all ranks agree on
+the findings (a collective on the default group) before any parameter changes, so no rank hangs and a
+checkpoint that does not fit changes nothing. Then each rank streams: it reads only the regions one
+parameter needs, converts them and copies them in, one parameter at a time, so memory beyond the model
+stays within the largest parameter and a bounded amount of mapped file pages, and every byte is read once.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,16 +27,24 @@ from bridges.rules.rule import RuleSet
 from bridges.rules.sharding import ShardingError
 
 _SHOWN_ERRORS = 30
+# File pages mapped while reading stay resident until the maps are released: released after this many bytes.
+RELEASE_BYTES = 256 * 2**20
+# The MTP copies of the embedding / output head are compared on this many bytes of each rank's region,
+# in blocks of rows spread over it (see _check_mirrors).
+MIRROR_SAMPLE_BYTES, MIRROR_BLOCKS = 2**20, 4
 
 
 class CheckpointMismatch(ValueError):
-    """The checkpoint does not fit the model; nothing was loaded. `errors` lists this rank's findings."""
+    """The checkpoint does not fit the model (nothing was loaded), or a file failed to read after every check
+    passed (the model is partly loaded; the message says which). `errors` lists the ranks' findings."""
 
-    def __init__(self, stage: str, errors: list[str]):
+    def __init__(self, stage: str, errors: list[str], changed: bool = False):
         self.errors = errors
         shown = "\n  ".join(errors[:_SHOWN_ERRORS])
         more = f"\n  ... and {len(errors) - _SHOWN_ERRORS} more" if len(errors) > _SHOWN_ERRORS else ""
-        super().__init__(f"HF import failed while {stage}; no parameter was changed:\n  {shown}{more}")
+        outcome = ("every check had passed and the parameters read before the failure were loaded: the model is "
+                   "partly loaded, do not use it" if changed else "no parameter was changed")
+        super().__init__(f"HF import failed while {stage}; {outcome}:\n  {shown}{more}")
 
 
 @dataclass
@@ -54,7 +65,8 @@ def import_weights(
     `dtype`: the checkpoint dtype the tensors must have (None: the dtype most of them have).
     `config`: the checkpoint's config.json, checked against `arch` when given.
     MXFP4 tensors (`X_blocks` / `X_scales`) are read as X, dequantized region by region (bridges/checkpoint/mxfp4.py).
-    Raises `CheckpointMismatch` on every rank when any rank finds a problem.
+    Raises `CheckpointMismatch` on every rank when any rank finds a problem; a checkpoint that does not fit
+    changes no parameter (only a file that fails to read after every check passed leaves the model partly loaded).
     """
     ranks = ranks or Ranks.current()
     module = family_module(family)
@@ -72,13 +84,7 @@ def import_weights(
         errors += check_config(module, arch, config)
     plan, plan_errors = _plan(model_chunks, ruleset, ranks)
     _agree("checking the checkpoint", errors + plan_errors, group)
-
-    staged, read_errors = _read(plan, source, report)
-    _agree("reading the checkpoint", read_errors, group)
-    with torch.no_grad():
-        for param, values in staged:
-            param.tensor.data.copy_(values)
-            report.loaded.append(param.local_name)
+    _agree("reading the checkpoint", _stream(plan, source, report, ranks), group, changed=True)
     return report
 
 
@@ -191,19 +197,45 @@ def _plan(model_chunks, ruleset: RuleSet, ranks: Ranks):
     return plan, errors
 
 
-def _read(plan, source: HFSource, report: ImportReport):
-    staged, errors = [], []
-    for param, rule, rank, size in plan:
-        specs = rule.specs(rank, size, param.tensor.dtype)
-        try:
-            values = [_read_region(source, s) for s in specs]
-            staged.append((param, rule.to_megatron(values, rank, size)))
-        except Exception as e:  # noqa: BLE001 - any read failure must be agreed on, not raised alone
-            names = [s.hf_name for s in specs]
-            errors.append(f"{param.local_name}: reading {names} from {source.where(names[0])} failed: {e}")
-            continue
-        _check_mirrors(rule, specs, values, source, report)
-    return staged, errors
+def _stream(plan, source: HFSource, report: ImportReport, ranks: Ranks) -> list[str]:
+    """Read, convert and copy in each planned parameter in turn; stops at the first failure (returned)."""
+    check_mirrors = ranks.replica(expert=False)[0] == 0  # the copies are the same on every replica: one checks
+    unreleased = 0
+    with torch.no_grad():
+        for param, rule, rank, size in plan:
+            specs = rule.specs(rank, size, param.tensor.dtype)
+            try:
+                values = [_read_region(source, s) for s in specs]
+                param.tensor.data.copy_(rule.to_megatron(values, rank, size))
+            except Exception as e:  # noqa: BLE001 - any read failure must be agreed on, not raised alone
+                names = [s.hf_name for s in specs]
+                _release_pages(source)
+                return [f"{param.local_name}: reading {names} from {source.where(names[0])} failed: {e}"]
+            report.loaded.append(param.local_name)
+            if check_mirrors:
+                _check_mirrors(rule, specs, values, source, report)
+            unreleased += sum(_mapped_bytes(s, v) for s, v in zip(specs, values))
+            del values
+            if unreleased >= RELEASE_BYTES:
+                _release_pages(source)
+                unreleased = 0
+    _release_pages(source)
+    return []
+
+
+def _mapped_bytes(spec, values: torch.Tensor) -> int:
+    """Bytes of the file that reading a region maps, at most: all columns of the leading rows it spans (a
+    tensor-parallel column shard maps the whole rows; the kernel maps whole folios around what is read)."""
+    rows = spec.region[0] if spec.region else slice(0, 1, 1)
+    count = len(range(rows.start, rows.stop, rows.step))
+    return ((count - 1) * rows.step + 1 if count else 0) * math.prod(spec.hf_shape[1:]) * values.element_size()
+
+
+def _release_pages(source: HFSource) -> None:
+    """Unmap the file pages the source keeps mapped (a directory's checkpoint does; in-memory sources do not)."""
+    release = getattr(source, "release_pages", None)
+    if release is not None:
+        release()
 
 
 def _read_region(source: HFSource, spec) -> torch.Tensor:
@@ -212,17 +244,30 @@ def _read_region(source: HFSource, spec) -> torch.Tensor:
 
 
 def _check_mirrors(rule, specs, values, source: HFSource, report: ImportReport) -> None:
-    """MTP copies of the embedding / output weight must equal them (servers read the copies)."""
-    present = set(source.keys()) if rule.mirrors else set()
-    for mirror in rule.mirrors:
-        if mirror in present and 0 not in values[0].shape:
-            if not torch.equal(source.read(mirror, specs[0].region), values[0]):
+    """MTP copies of the embedding / output weight must equal them (servers read the copies). Compared on
+    MIRROR_BLOCKS blocks of rows spread over this rank's region, MIRROR_SAMPLE_BYTES in all: a copy that
+    differs (another training, another init) differs nearly everywhere, and a full comparison would read
+    the copy whole. Blocks, not single rows: a sparse read maps whole file folios (the memory counts)."""
+    main = values[0]
+    if not rule.mirrors or 0 in main.shape:
+        return
+    present = set(source.keys())
+    rows, region = main.shape[0], specs[0].region
+    block = max(1, MIRROR_SAMPLE_BYTES // MIRROR_BLOCKS // (main[0].numel() * main.element_size()))
+    starts = sorted({min(rows - block, rows * i // MIRROR_BLOCKS) if rows > block else 0 for i in range(MIRROR_BLOCKS)})
+    for mirror in (m for m in rule.mirrors if m in present):
+        for start in starts:
+            stop = min(rows, start + block)
+            first = region[0].start + start * region[0].step
+            sub = (slice(first, first + (stop - start) * region[0].step, region[0].step),) + tuple(region[1:])
+            if not torch.equal(source.read(mirror, sub), main[start:stop]):
                 report.warnings.append(
                     f"{mirror} ({source.where(mirror)}) differs from {rule.hf[0]}; the export writes {rule.hf[0]} there"
                 )
+                break
 
 
-def _agree(stage: str, errors: list[str], group=None) -> None:
+def _agree(stage: str, errors: list[str], group=None, changed: bool = False) -> None:
     """Raise on every rank if any rank has errors, each rank's findings shown everywhere (collective)."""
     rank, world = group_rank_and_size(group)
     gathered = [(0, errors)] if world == 1 else [None] * world
@@ -234,4 +279,4 @@ def _agree(stage: str, errors: list[str], group=None) -> None:
             ranks_by_error.setdefault(error, []).append(r)
     if ranks_by_error:
         merged = [e if world == 1 else f"{e} (rank {', '.join(map(str, rs))})" for e, rs in ranks_by_error.items()]
-        raise CheckpointMismatch(stage, merged)
+        raise CheckpointMismatch(stage, merged, changed)

@@ -67,8 +67,7 @@ class MegatronGPTModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.layout.check(dist.get_world_size(), self.arch.num_experts or 0, self.arch.num_layers,
-                          self.arch.expert_biases, self.arch.tensor_parallel_heads)
+        self.layout.check_model(dist.get_world_size(), self.arch)
         self.model = self.build_model()
 
     def build_model(self):

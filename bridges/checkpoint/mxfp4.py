@@ -91,6 +91,11 @@ class DequantizedSource:
 
     # --- data ---
 
+    def release_pages(self) -> None:
+        release = getattr(self.source, "release_pages", None)
+        if release is not None:
+            release()
+
     def read(self, name: str, region: Region | None = None) -> torch.Tensor:
         if name not in self.quantized:
             return self.source.read(name, region)

@@ -131,6 +131,11 @@ class SafetensorsCheckpoint:
                 pass
         self._maps.clear()
 
+    def release_pages(self) -> None:
+        """Unmap the files read so far (their pages stay in the page cache, no longer in this process's
+        resident memory); later reads map them again."""
+        self.close()
+
     def __enter__(self) -> "SafetensorsCheckpoint":
         return self
 

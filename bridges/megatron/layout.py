@@ -30,6 +30,11 @@ class ParallelLayout:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp)
 
+    def check_model(self, world_size: int, arch) -> None:
+        """`check` against a model (a `GPTArchitecture`): what train.py, the Lightning module and
+        `python -m bridges.plan` refuse alike, with the same message."""
+        self.check(world_size, arch.num_experts or 0, arch.num_layers, arch.expert_biases, arch.tensor_parallel_heads)
+
     def check(self, world_size: int, num_experts: int | None = None, num_layers: int | None = None,
               expert_biases: bool = False, heads: dict[str, int] | None = None) -> None:
         for name, value in (("tp", self.tp), ("pp", self.pp), ("ep", self.ep), ("etp", self.expert_tp)):

@@ -1,6 +1,8 @@
 """Import refuses a checkpoint that does not fit (missing, extra, mis-shaped, wrong-dtype tensors, config
 mismatch) naming the tensor and where it is, agrees on failure across ranks, and changes no parameter;
-MTP tensors are ignored with a reason when the model has no MTP, and differing MTP copies are reported."""
+MTP tensors are ignored with a reason when the model has no MTP, and differing MTP copies are reported.
+It reads every byte it loads once and the MTP copies only on a sample; a file that fails to read after
+the checks is agreed on and said to leave the model partly loaded."""
 
 from __future__ import annotations
 
@@ -87,6 +89,18 @@ def checks_world_1(directory):
     report = import_weights([plain], glm45, no_mtp, DictSource(tensors, where=WHERE))
     exported = {p.spec.hf_name for p in export_pieces([plain], glm45, no_mtp)}
     out["mtp_off"] = (report.ignored, exported, set(hf_tensor_specs(glm45, no_mtp, torch.bfloat16)))
+    # A read that fails after every check passed (the file changed, an I/O error): agreed, and said plainly.
+    class FailingSource(DictSource):
+        def read(self, name, region=None):
+            if name == "model.layers.3.mlp.experts.5.down_proj.weight":
+                raise OSError("Input/output error")
+            return super().read(name, region)
+
+    try:
+        import_weights([model], glm45, arch, FailingSource(tensors, where=WHERE))
+        out["read_failure"] = None
+    except CheckpointMismatch as e:
+        out["read_failure"] = str(e)
     out.update(_directory_cases(directory, model, arch, tensors))
     return out
 
@@ -116,6 +130,22 @@ def _directory_cases(directory, model, arch, tensors):
             out[case] = ("loaded", report.warnings)
         except CheckpointMismatch as e:
             out[case] = ("refused", str(e))
+
+    # Bytes read, with the MTP copies compared on blocks of 2 rows (MIRROR_BLOCKS of them) and without them.
+    from bridges import load
+
+    row_bytes = tensors[MIRRORS[0]][0].numel() * tensors[MIRRORS[0]].element_size()
+    default, load.MIRROR_SAMPLE_BYTES = load.MIRROR_SAMPLE_BYTES, 2 * row_bytes * load.MIRROR_BLOCKS
+    try:
+        for case, path in (("bytes_full", directory), ("bytes_no_mirrors", os.path.join(variants, "dir_no_mirrors"))):
+            with SafetensorsCheckpoint(path) as source:
+                import_weights([model], glm45, arch, source)
+                in_files = sum(source.header(n).nbytes for n in source.keys())
+                mirrors = sum(source.header(n).nbytes for n in MIRRORS if n in source.keys())
+                out[case] = (source.bytes_read, in_files, mirrors)
+        out["sampled_bytes"] = len(MIRRORS) * load.MIRROR_SAMPLE_BYTES
+    finally:
+        load.MIRROR_SAMPLE_BYTES = default
     return out
 
 
@@ -176,6 +206,20 @@ def test_mtp_copies_of_embedding_and_head_are_optional(world_1):
     outcome, warnings = world_1["dir_no_mirrors"]
     assert outcome == "loaded", warnings
     assert all(any(name in w and "missing" in w for w in warnings) for name in MIRRORS)
+
+
+def test_each_byte_is_read_once_and_mtp_copies_on_a_sample(world_1):
+    read, in_files, mirrors = world_1["bytes_no_mirrors"]
+    assert mirrors == 0 and read == in_files  # world 1: every tensor whole, each once
+    read, in_files, mirrors = world_1["bytes_full"]
+    assert mirrors > 4 * world_1["sampled_bytes"]
+    assert read == in_files - mirrors + world_1["sampled_bytes"]
+
+
+def test_a_read_failing_after_the_checks_is_agreed_and_reported_as_partial(world_1):
+    message = world_1["read_failure"]
+    assert message is not None and "reading the checkpoint" in message and "partly loaded" in message
+    assert "model.layers.3.mlp.experts.5.down_proj.weight" in message and "Input/output error" in message
 
 
 def test_fp32_router_in_a_bf16_checkpoint_is_accepted(world_1):
