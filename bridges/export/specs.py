@@ -9,8 +9,8 @@ so that the replicas write about as many bytes each.
 from __future__ import annotations
 
 import heapq
-from dataclasses import replace
-from typing import Iterator
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
 
 import torch
 
@@ -31,38 +31,25 @@ def hf_tensor_specs(family, arch: GPTArchitecture, dtype: torch.dtype, expert_la
     return family_ruleset(family, arch, expert_layout).hf_tensor_specs(dtype)
 
 
-def export_specs(
+@dataclass(frozen=True)
+class OwnedParam:
+    """A local parameter of which this rank writes pieces: (part index, spec) of each, in writing order."""
+
+    param: LocalParam
+    rule: Rule
+    pieces: tuple[tuple[int, PieceSpec], ...]
+    tp: tuple[int, int]  # (rank, size) in the tensor-parallel group the parameter is split over
+
+
+def owned_params(
     model_chunks, family, arch: GPTArchitecture, dtype: torch.dtype | None = None,
     expert_layout: str | None = None, ranks: Ranks | None = None,
-) -> list[PieceSpec]:
-    """What `export_pieces` would yield on this rank, as metadata only (no tensor is touched)."""
-    return [spec for spec, _ in _owned(model_chunks, family, arch, dtype, expert_layout, ranks)]
-
-
-def export_pieces(
-    model_chunks, family, arch: GPTArchitecture, dtype: torch.dtype | None = None,
-    expert_layout: str | None = None, ranks: Ranks | None = None, copy: bool = True,
-) -> Iterator[Piece]:
-    """The HF pieces this rank owns, cast to `dtype` (None: each parameter's own dtype), on the CPU.
-
-    `expert_layout` is the family's on-disk expert layout (GLM-4.5: "per_expert", the default, or
-    "fused"); export in the layout of the import source. `ranks` defaults to Megatron's parallel state.
-    `copy=False`: a piece may share memory with its parameter (no copy where the layouts agree), for a
-    synchronous export that writes each piece before the parameters change. Pieces are made one at a
-    time, as the iterator is consumed, in the order of `export_specs`.
-    """
-    for spec, make in _owned(model_chunks, family, arch, dtype, expert_layout, ranks, copy):
-        yield Piece(spec, make())
-
-
-def family_ruleset(family, arch: GPTArchitecture, expert_layout: str | None = None) -> RuleSet:
-    """The family's complete rule table for `arch` (its default expert layout when None)."""
-    module = family_module(family)
-    return module.rules(arch, expert_layout) if expert_layout else module.rules(arch)
-
-
-def _owned(model_chunks, family, arch, dtype, expert_layout, ranks, copy=True):
-    """(spec, thunk making the values) for every piece this rank writes, in a fixed order."""
+) -> list[OwnedParam]:
+    """The parameters this rank writes pieces of, and those pieces, cast to `dtype` (None: each parameter's
+    own dtype), from metadata alone (no tensor is touched). `expert_layout` is the family's on-disk expert
+    layout (GLM-4.5: "per_expert", the default, or "fused"); export in the layout of the import source.
+    `ranks` defaults to Megatron's parallel state. Depends only on the model, the layout and the dtype, so a
+    caller may keep it from one export to the next."""
     ranks = ranks or Ranks.current()
     ruleset = family_ruleset(family, arch, expert_layout)
     held = []
@@ -75,11 +62,45 @@ def _owned(model_chunks, family, arch, dtype, expert_layout, ranks, copy=True):
         if param.exported:
             held.append((param, rule))
     owned = owned_pieces([(rule, dtype or param.tensor.dtype) for param, rule in held], ranks)
-    for (param, rule), pieces in zip(held, owned):
-        if pieces:
-            values = _Values(rule, param, *ranks.tensor_parallel(rule.expert is not None), uses=len(pieces))
-            for i, spec in pieces:
-                yield spec, values.getter(i, spec.dtype, copy)
+    return [OwnedParam(param, rule, tuple(pieces), ranks.tensor_parallel(rule.expert is not None))
+            for (param, rule), pieces in zip(held, owned) if pieces]
+
+
+def pieces_of(owned: Sequence[OwnedParam], tensors: Sequence[torch.Tensor] | None = None,
+              copy: bool = True) -> Iterator[Piece]:
+    """The pieces of `owned`, on the CPU, made one at a time as the iterator is consumed, in order.
+
+    `tensors[i]` stands for `owned[i]`'s parameter (its host snapshot, say); None: the parameters
+    themselves. `copy=False`: a piece may share memory with its tensor (no copy where the layouts agree),
+    for a synchronous export that writes each piece before the parameters change, or for private copies.
+    """
+    for i, o in enumerate(owned):
+        values = _Values(o.rule, o.param.tensor if tensors is None else tensors[i], *o.tp, uses=len(o.pieces))
+        for part, spec in o.pieces:
+            yield Piece(spec, values.make(part, spec.dtype, copy))
+
+
+def export_specs(
+    model_chunks, family, arch: GPTArchitecture, dtype: torch.dtype | None = None,
+    expert_layout: str | None = None, ranks: Ranks | None = None,
+) -> list[PieceSpec]:
+    """What `export_pieces` would yield on this rank, as metadata only (no tensor is touched)."""
+    return [spec for o in owned_params(model_chunks, family, arch, dtype, expert_layout, ranks) for _, spec in o.pieces]
+
+
+def export_pieces(
+    model_chunks, family, arch: GPTArchitecture, dtype: torch.dtype | None = None,
+    expert_layout: str | None = None, ranks: Ranks | None = None, copy: bool = True,
+) -> Iterator[Piece]:
+    """The HF pieces this rank owns (`owned_params`), made one at a time (`pieces_of`), in the order of
+    `export_specs`."""
+    yield from pieces_of(owned_params(model_chunks, family, arch, dtype, expert_layout, ranks), copy=copy)
+
+
+def family_ruleset(family, arch: GPTArchitecture, expert_layout: str | None = None) -> RuleSet:
+    """The family's complete rule table for `arch` (its default expert layout when None)."""
+    module = family_module(family)
+    return module.rules(arch, expert_layout) if expert_layout else module.rules(arch)
 
 
 def owned_pieces(held: list[tuple[Rule, torch.dtype]], ranks: Ranks) -> list[list[tuple[int, PieceSpec]]]:
@@ -134,23 +155,19 @@ def _shard_specs(rule: Rule, ranks: Ranks, dtype: torch.dtype) -> list[tuple[str
 
 
 class _Values:
-    """Converts one local parameter once, however many pieces (and mirrors) it yields, and lets the
-    converted tensors go once the last of its `uses` pieces is made."""
+    """Converts one local tensor once, however many pieces (and mirrors) it yields, and lets the converted
+    tensors go once the last of its `uses` pieces is made."""
 
-    def __init__(self, rule: Rule, param: LocalParam, rank: int, size: int, uses: int):
-        self.rule, self.param, self.rank, self.size, self.uses = rule, param, rank, size, uses
+    def __init__(self, rule: Rule, tensor: torch.Tensor, rank: int, size: int, uses: int):
+        self.rule, self.tensor, self.rank, self.size, self.uses = rule, tensor, rank, size, uses
         self._tensors: list[torch.Tensor] | None = None
 
-    def getter(self, i: int, dtype: torch.dtype, copy: bool = True):
-        def make() -> torch.Tensor:
-            if self._tensors is None:
-                local = self.param.tensor.detach().to("cpu")
-                self._tensors = self.rule.to_hf(local, self.rank, self.size)
-            # copy=True: pieces must not alias live parameters (training goes on while they are written).
-            tensor = self._tensors[i].to(dtype=dtype, memory_format=torch.contiguous_format, copy=copy)
-            self.uses -= 1
-            if not self.uses:
-                self._tensors = None
-            return tensor
-
-        return make
+    def make(self, i: int, dtype: torch.dtype, copy: bool = True) -> torch.Tensor:
+        if self._tensors is None:
+            self._tensors = self.rule.to_hf(self.tensor.detach().to("cpu"), self.rank, self.size)
+        # copy=True: pieces must not alias live parameters (training goes on while they are written).
+        tensor = self._tensors[i].to(dtype=dtype, memory_format=torch.contiguous_format, copy=copy)
+        self.uses -= 1
+        if not self.uses:
+            self._tensors = None
+        return tensor

@@ -25,7 +25,8 @@ from bridges.rank_status import RankFailure, agree, exchange, global_rank, group
 from bridges.checkpoint.regions import numel, run_elements
 from bridges.checkpoint.safetensors_format import INDEX_FILE_NAME, itemsize
 
-__all__ = ["write_checkpoint", "plan_files", "FilePlan", "RankFailure", "DEFAULT_MAX_SHARD_BYTES"]
+__all__ = ["write_checkpoint", "plan_export", "ExportPlan", "PlanCache", "plan_files", "FilePlan", "RankFailure",
+           "DEFAULT_MAX_SHARD_BYTES"]
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # "5GB", the shard size of most released checkpoints
 DEFAULT_BATCH_BYTES = 256 * 2**20  # gather mode: bytes a rank sends to rank 0 in one message
@@ -42,15 +43,18 @@ def write_checkpoint(
     batch_bytes: int = DEFAULT_BATCH_BYTES,
     fsync: bool = True,
     piece_specs: Sequence[PieceSpec] | None = None,
+    plan_cache: "PlanCache | None" = None,
 ) -> FilePlan:
     """Write `tensor_specs` (name -> (shape, dtype), the same on every rank) into `out_dir` as safetensors.
 
     Every rank of `group` calls this with the pieces it holds; together they must cover every tensor
     exactly once. mode="owner": each rank writes its own bytes (ranks share a filesystem);
     mode="gather": pieces travel to rank 0 in batches of about `batch_bytes`, and rank 0 writes all.
-    `piece_specs`: the specs of `local_pieces` in order, known beforehand (`bridges.export.export_specs`).
+    `piece_specs`: the specs of `local_pieces` in order, known beforehand (`bridges.export.specs.export_specs`).
     Then `local_pieces` may be a generator: it is consumed once, while writing, and a rank holds about one
     piece at a time instead of all of them. Without it, all pieces are taken in before the plan is agreed.
+    `plan_cache`: the plan agreed by an earlier call with the same `plan_cache`; reused, with no exchange
+    of piece specs and no planning, when every rank passes what it passed then.
     Any failure raises RankFailure on every rank, naming the failing ranks and why.
     """
     if mode not in ("owner", "gather"):
@@ -62,21 +66,76 @@ def write_checkpoint(
         piece_specs = [p.spec for p in pieces]
     else:
         pieces, error = _as_specified(local_pieces, list(piece_specs)), None
-    gathered = exchange((list(piece_specs), _digest(tensor_specs, max_shard_bytes, metadata)), error,
+    plan = _agreed_plan(list(piece_specs), tensor_specs, max_shard_bytes, metadata, mode, group, error, plan_cache)
+    agree(_attempt(_create_files, out_dir, plan.files) if rank == 0 else None, "export: creating files", group)
+    if mode == "owner" or world == 1:
+        error = _write_owned(out_dir, plan.files, pieces, plan.specs_by_rank, plan.merges, group, fsync)
+    else:
+        error = _gather_and_write(out_dir, plan.files, pieces, plan.specs_by_rank, group, batch_bytes, fsync)
+    agree(error, "export: writing tensor data", group)
+    agree(_attempt(_write_index, out_dir, plan.files, fsync) if rank == 0 else None, "export: writing the index", group)
+    return plan.files
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What every rank derives alike from all ranks' piece specs: the files and the merged tensors."""
+
+    specs_by_rank: list[list[PieceSpec]]
+    files: FilePlan
+    merges: list["_Merge"]
+
+
+def plan_export(tensor_specs: TensorSpecs, specs_by_rank: list[list[PieceSpec]], max_shard_bytes: int,
+                metadata: dict[str, str] | None = None, owner_writes: bool = True) -> ExportPlan:
+    """The plan of an export from every rank's piece specs (metadata only, no process group): checks that
+    the pieces cover every tensor exactly once, then plans the files and (owner-writes, several ranks) the
+    merges of fragmented pieces. The same on every rank; usable from a config alone (virtual ranks)."""
+    check_coverage(tensor_specs, specs_by_rank)
+    merges = _plan_merges(specs_by_rank) if owner_writes and len(specs_by_rank) > 1 else []
+    return ExportPlan(specs_by_rank, plan_files(tensor_specs, max_shard_bytes, metadata), merges)
+
+
+class PlanCache:
+    """The plan of the last export and what it was made from. The plan depends only on every rank's pieces
+    and the tensor specs (so on the model, the layout and the dtype): a later export that passes the same on
+    every rank reuses it, and the ranks exchange one flag each instead of their piece specs."""
+
+    def __init__(self):
+        self._made_from: tuple | None = None
+        self._plan: ExportPlan | None = None
+
+    def lookup(self, tensor_specs: TensorSpecs, piece_specs: list[PieceSpec], max_shard_bytes: int,
+               metadata: dict[str, str] | None, mode: str, world: int) -> ExportPlan | None:
+        """The plan made from these inputs on this rank (compared by value), else None."""
+        if self._made_from is None:
+            return None
+        now = (tensor_specs, piece_specs, max_shard_bytes, metadata, mode, world)
+        return self._plan if all(a is b or a == b for a, b in zip(self._made_from, now)) else None
+
+    def store(self, tensor_specs: TensorSpecs, piece_specs: list[PieceSpec], max_shard_bytes: int,
+              metadata: dict[str, str] | None, mode: str, world: int, plan: ExportPlan) -> None:
+        """Keep `plan` with copies of its inputs (a caller may change its own afterwards)."""
+        metadata = None if metadata is None else dict(metadata)
+        self._made_from = (dict(tensor_specs), list(piece_specs), max_shard_bytes, metadata, mode, world)
+        self._plan = plan
+
+
+def _agreed_plan(piece_specs, tensor_specs, max_shard_bytes, metadata, mode, group, error, cache) -> ExportPlan:
+    """The plan every rank agrees on: the cached one when every rank finds its inputs unchanged, else made
+    from every rank's piece specs (exchanged). Raises RankFailure on every rank if any rank failed."""
+    _, world = group_rank_and_size(group)
+    inputs = (tensor_specs, piece_specs, max_shard_bytes, metadata, mode, world)
+    if cache is not None:
+        cached = cache.lookup(*inputs)
+        if all(exchange(cached is not None, error, "export: checking local pieces", group)):
+            return cached
+    gathered = exchange((piece_specs, _digest(tensor_specs, max_shard_bytes, metadata)), error,
                         "export: checking local pieces", group)
     _check_same_specs([digest for _, digest in gathered])
-    specs_by_rank = [specs for specs, _ in gathered]
-    check_coverage(tensor_specs, specs_by_rank)  # same inputs on every rank: same verdict
-    plan = plan_files(tensor_specs, max_shard_bytes, metadata)
-
-    agree(_attempt(_create_files, out_dir, plan) if rank == 0 else None, "export: creating files", group)
-    if mode == "owner" or world == 1:
-        merges = _plan_merges(specs_by_rank) if world > 1 else []
-        error = _write_owned(out_dir, plan, pieces, specs_by_rank, merges, group, fsync)
-    else:
-        error = _gather_and_write(out_dir, plan, pieces, specs_by_rank, group, batch_bytes, fsync)
-    agree(error, "export: writing tensor data", group)
-    agree(_attempt(_write_index, out_dir, plan, fsync) if rank == 0 else None, "export: writing the index", group)
+    plan = plan_export(tensor_specs, [specs for specs, _ in gathered], max_shard_bytes, metadata, mode == "owner")
+    if cache is not None:
+        cache.store(*inputs, plan)
     return plan
 
 

@@ -129,6 +129,14 @@ def _export_checks(root: str) -> dict[str, str]:
         export_writer._write_pieces = disk_full
     failure("mid_gather", mine, mode="gather", batch_bytes=200)
     export_writer._write_pieces = real_write_pieces
+    # A plan kept from one export to the next: made once, remade on every rank when one rank's pieces change.
+    cache, planned, real_plan = export_writer.PlanCache(), [], export_writer.plan_export
+    export_writer.plan_export = lambda *args: planned.append(1) or real_plan(*args)
+    for i in range(2):
+        write_checkpoint(mine, specs, os.path.join(root, f"cached_{i}"), max_shard_bytes=SHARD, plan_cache=cache)
+    failure("cache_stale", mine[:-1] if rank == world - 1 else mine, plan_cache=cache)
+    export_writer.plan_export = real_plan
+    errors["plans_made"] = len(planned)
     # Everyone is still in step after the failures: a subgroup exports in gather mode on its own.
     sub = dist.new_group([world - 2, world - 1])
     if rank >= world - 2:
@@ -146,13 +154,14 @@ def test_export_across_ranks(tmp_path, world):
     _assert_exact(os.path.join(root, "owner"))
     assert len([f for f in os.listdir(os.path.join(root, "owner")) if f.endswith(".safetensors")]) > 2
     for file in os.listdir(os.path.join(root, "owner")):
-        for other in ("gather", "lazy_owner", "lazy_gather"):
+        for other in ("gather", "lazy_owner", "lazy_gather", "cached_0", "cached_1"):
             assert filecmp.cmp(os.path.join(root, "owner", file), os.path.join(root, other, file), shallow=False)
     subgroup = load_file(os.path.join(root, "subgroup", "model.safetensors"))
     assert torch.equal(subgroup["experts.gate_up_proj"], _tensors()["experts.gate_up_proj"])
     for rank_errors in errors:  # every rank saw every failure, with the same explanation
         assert rank_errors == errors[0]
     assert "'lm_head.weight'" in errors[0]["missing"] and "cover 22 of 44 elements" in errors[0]["missing"]
+    assert errors[0]["plans_made"] == 2 and "cover 22 of 44 elements" in errors[0]["cache_stale"]
     assert "rank 0 region [0:" in errors[0]["twice"] and "rank 1 region" in errors[0]["twice"]
     for mode in ("owner", "gather"):
         assert f"rank {world - 1}: ValueError: {len(_pieces(world - 1, world))} pieces were announced" in errors[0][f"fewer_{mode}"]
