@@ -1,10 +1,14 @@
 """HFExportCallback: write HF checkpoints every N steps and at the end, while training goes on.
 
-At an export step every rank snapshots the HF pieces it owns (its experts, its pipeline stage's layers,
-its TP shard; one data-parallel replica) into host memory and returns to training; a background thread
-then writes them straight into the final safetensors files over a process group of its own, and rank 0
-adds config, tokenizer files and trainer state. The directory is written under a staging name and
-renamed into place only when complete. Decisions use step counts only, so every rank agrees.
+At an export step every rank records which of its tensors hold the HF pieces it owns (its experts, its
+pipeline stage's layers, its TP shard; one data-parallel replica) and returns to training at once: a
+background thread copies them to host memory while the next step's forward and backward run (parameters
+do not change there; the optimizer step, the router's expert-bias update, an import and a checkpoint load
+wait for the copy, see bridges/export/snapshot.py), then writes them straight into the final safetensors
+files over a process group of its own, and rank 0 adds config, tokenizer files and trainer state. The
+directory is written under a staging name and renamed into place only when complete. The export plan is
+made at the first export and reused while the model, layout and dtype stay the same. Decisions use step
+counts only, so every rank agrees.
 """
 
 from __future__ import annotations
@@ -25,14 +29,15 @@ from dataclasses import dataclass, replace
 import lightning.pytorch as pl
 import torch.distributed as dist
 
-from bridges.export import directory as export_dir
-from bridges.export.specs import export_pieces, export_specs, hf_tensor_specs
-from bridges.export.writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
 from bridges import dtypes
 from bridges.checkpoint.hf_config import with_legacy_spellings
 from bridges.checkpoint.pieces import Piece, PieceSpec, full_region
-from bridges.rank_status import agree, first_failure
 from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
+from bridges.export import directory as export_dir
+from bridges.export.snapshot import HostBuffers, LazySnapshot
+from bridges.export.specs import OwnedParam, hf_tensor_specs, owned_params, pieces_of
+from bridges.export.writer import DEFAULT_MAX_SHARD_BYTES, PlanCache, write_checkpoint
+from bridges.rank_status import agree, first_failure
 from callbacks.progress import say
 
 
@@ -45,14 +50,16 @@ class HFExportError(RuntimeError):
 class _Job:
     step: int
     final: str
-    pieces: Iterable[Piece]  # a list (async snapshot) or a generator (sync, made while writing)
-    piece_specs: list[PieceSpec] | None  # announced beforehand when `pieces` is a generator
+    owned: list[OwnedParam]  # this rank's pieces, made one at a time while writing
+    carried: Iterable[Piece]  # and after them these (rank 0: the source's MTP tensors, read while writing)
+    piece_specs: list[PieceSpec]  # announced beforehand
     specs: dict
     config: dict
     trainer_state: dict
     companions: list[tuple[str, str]]  # (name, resolved path) in the import source
     snapshot_seconds: float
     started: float
+    snapshot: LazySnapshot | None = None  # async: host copies of the owned tensors, made by the writer thread
     error: BaseException | None = None
     seconds: float = 0.0
     nbytes: int = 0
@@ -100,6 +107,9 @@ class HFExportCallback(pl.Callback):
         self._thread: threading.Thread | None = None
         self._job: _Job | None = None
         self._exported_steps: set[int] = set()
+        self._owned: tuple[tuple, tuple] | None = None  # (what they depend on, (owned parameters, tensor specs))
+        self._plan_cache = PlanCache()  # the agreed file plan, reused while the pieces stay the same
+        self._host_buffers = HostBuffers()  # snapshot buffers, reused from one export to the next
         self.history: list[dict] = []  # one entry per finished export (rank-local timings)
         self.failures = 0  # exports that failed under on_error=warn
         self.run_id: str | None = None  # this run's id: in the lock, the staging names and every trainer_state
@@ -194,15 +204,17 @@ class HFExportCallback(pl.Callback):
             return
         job, error = None, None
         try:
-            job = self._snapshot(trainer, pl_module, step, final)
+            job = self._prepare(trainer, pl_module, step, final)
         except Exception as e:  # agreed by every rank before anyone writes or raises
             error = e
         try:
-            agree(error, "export: taking the snapshot", self._group)
+            agree(error, "export: preparing", self._group)
         except Exception as e:
             self._fail(trainer, step, HFExportError(f"HF export of step {step} to {final} failed: {e}"), e)
             return
         if self.async_write:
+            # The lazy snapshot: recorded now, copied by the writer thread while the next step computes.
+            job.snapshot = LazySnapshot([o.param.tensor for o in job.owned], self._host_buffers)
             self._job = job
             self._thread = threading.Thread(target=self._write, args=(job, trainer.global_rank), daemon=True)
             self._thread.start()
@@ -214,23 +226,16 @@ class HFExportCallback(pl.Callback):
         if not self.async_write:
             self._finish_pending(trainer)
 
-    def _snapshot(self, trainer, pl_module, step: int, final: str) -> _Job:
-        """What this rank writes (async: host copies; sync: made while writing), plus what rank 0 adds."""
+    def _prepare(self, trainer, pl_module, step: int, final: str) -> _Job:
+        """What this rank writes, plus what rank 0 adds."""
         start = time.monotonic()
         source = getattr(pl_module, "hf_source", None)
         dtype = self.dtype or (source.dtype if source else pl_module.params_dtype)
         layout = source.expert_layout if source else None
         arch = pl_module.arch
-        specs = hf_tensor_specs(pl_module.family, arch, dtype, layout)
-        model = [pl_module.model]
-        if self.async_write:
-            # The snapshot: host copies of this rank's pieces, so training may change the weights.
-            pieces = list(export_pieces(model, pl_module.family, arch, dtype, layout))
-            piece_specs = None
-        else:
-            # Training waits: pieces are made one at a time while writing, sharing parameter memory.
-            pieces = export_pieces(model, pl_module.family, arch, dtype, layout, copy=False)
-            piece_specs = export_specs(model, pl_module.family, arch, dtype, layout)
+        owned, specs = self._owned_params(pl_module, dtype, layout)
+        specs = dict(specs)
+        piece_specs, carried = [spec for o in owned for _, spec in o.pieces], ()
         config_arch = arch
         if self.mtp_passthrough and not pl_module.mtp_enabled and source and source.mtp_tensors:
             # MTP off in this run: carry the source's MTP tensors through unchanged, keep its count.
@@ -240,8 +245,10 @@ class HFExportCallback(pl.Callback):
                        for n in source.mtp_tensors]
             specs.update({c.hf_name: (c.hf_shape, c.dtype) for c in carried})
             if trainer.global_rank == 0:  # rank 0 writes them, read from the source while writing
-                pieces = itertools.chain(pieces, (Piece(c, reader.read(c.hf_name)) for c in carried))
-                piece_specs = None if piece_specs is None else piece_specs + carried
+                piece_specs = piece_specs + carried
+                carried = (Piece(c, reader.read(c.hf_name)) for c in carried)
+            else:
+                carried = ()
         # Spelled for transformers 4.x and 5.x alike (servers still run 4.x).
         config = with_legacy_spellings(pl_module.family.hf_config(config_arch, source.config if source else None, dtype))
         datamodule = trainer.datamodule
@@ -260,18 +267,31 @@ class HFExportCallback(pl.Callback):
         }
         companions = source.companion_files() if source else []
         now = time.monotonic()
-        return _Job(step, final, pieces, piece_specs, specs, config, trainer_state, companions, now - start, now)
+        return _Job(step, final, owned, carried, piece_specs, specs, config, trainer_state, companions, now - start, now)
+
+    def _owned_params(self, pl_module, dtype, layout) -> tuple[list[OwnedParam], dict]:
+        """This rank's owned parameters and pieces, and the tensor specs of the whole export: computed at the
+        first export and kept while the model, the layout and the dtype stay the same."""
+        family, arch = pl_module.family, pl_module.arch
+        key = (id(pl_module.model), family, arch, dtype, layout)
+        if self._owned is None or self._owned[0] != key:
+            owned = owned_params([pl_module.model], family, arch, dtype, layout)
+            self._owned = (key, (owned, hf_tensor_specs(family, arch, dtype, layout)))
+        return self._owned[1]
 
     def _write(self, job: _Job, global_rank: int) -> None:
         """Collective over the export group; records the outcome in the job (agreed by all ranks)."""
         staging = export_dir.staging_dir(job.final, self.run_id)
         try:
+            # First the snapshot's copy (the next optimizer step waits for it); sync: the parameters themselves.
+            tensors = job.snapshot.copy() if job.snapshot is not None else None
             if global_rank == 0 and os.path.exists(staging):
                 shutil.rmtree(staging)
-            write_checkpoint(job.pieces, job.specs, staging, group=self._group,
-                             max_shard_bytes=self.max_shard_bytes, mode=self.mode, piece_specs=job.piece_specs)
+            pieces = itertools.chain(pieces_of(job.owned, tensors, copy=False), job.carried)
+            write_checkpoint(pieces, job.specs, staging, group=self._group, max_shard_bytes=self.max_shard_bytes,
+                             mode=self.mode, piece_specs=job.piece_specs, plan_cache=self._plan_cache)
             job.nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in job.specs.values())
-            job.pieces = []  # release host memory as soon as the bytes are on disk
+            self._release(job)  # the host copies serve the next snapshot
             job.seconds = time.monotonic() - job.started + job.snapshot_seconds
             error = None
             if global_rank == 0:
@@ -282,9 +302,16 @@ class HFExportCallback(pl.Callback):
             agree(error, "export: writing config and publishing", self._group)
         except BaseException as e:
             job.error = e
-            job.pieces = []
+            self._release(job)
             if global_rank == 0 and os.path.exists(staging):
                 shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def _release(job: _Job) -> None:
+        if job.snapshot is not None:
+            job.snapshot.copy()  # a no-op once copied; never leaves a parameter write waiting
+            job.snapshot.release()
+            job.snapshot = None
 
     def _finalize(self, job: _Job, staging: str) -> None:
         _write_json(os.path.join(staging, "config.json"), job.config)

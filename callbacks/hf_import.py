@@ -16,6 +16,7 @@ import torch
 
 from bridges.checkpoint import hf_config
 from bridges.checkpoint.files import CheckpointFileError, check_regular_file
+from bridges.export.snapshot import wait_for_snapshots
 from bridges.load import import_weights
 from bridges.rank_status import first_failure
 from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
@@ -60,6 +61,7 @@ class HFImportCallback(pl.Callback):
         except Exception as e:  # noqa: BLE001 - agreed below, so no rank waits in a collective alone
             error = e
         _agree_on_opening(self.path, error)
+        wait_for_snapshots()  # an export's snapshot may still be reading the weights the import replaces
         report = import_weights([pl_module.model], pl_module.family, pl_module.arch, source, config=config)
         if hasattr(pl_module, "reload_optimizer_weights"):
             pl_module.reload_optimizer_weights()  # the fp32 masters start from the imported weights

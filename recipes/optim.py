@@ -13,6 +13,8 @@ from functools import partial
 
 import torch
 
+from bridges.export.snapshot import wait_for_snapshots
+
 
 @dataclass
 class OptimConfig:
@@ -93,6 +95,7 @@ class MegatronOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             closure()
+        wait_for_snapshots()  # an export's lazy snapshot reads the weights this step is about to change
         ok, grad_norm, _ = self.inner.step()
         self.grad_norm = None if grad_norm is None else float(grad_norm)
         return ok

@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
 from bridges import rank_status
+from bridges.export.snapshot import wait_for_snapshots
 from bridges.megatron import cpu_runtime, parallel
 from bridges.megatron.layout import ParallelLayout
 from recipes import checkpoint as ckpt
@@ -110,7 +111,7 @@ class MegatronStrategy(DDPStrategy):
         )
         ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
         model.config.no_sync_func = ddp.no_sync
-        model.config.finalize_model_grads_func = finalize_model_grads
+        model.config.finalize_model_grads_func = _after_snapshots(finalize_model_grads)
         object.__setattr__(module, "ddp_model", ddp)
 
     # Lightning checkpoints: a directory written through Megatron-Core dist_checkpointing by every rank
@@ -143,6 +144,7 @@ class MegatronStrategy(DDPStrategy):
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
         path, state, same_layout = self._resume_from
+        wait_for_snapshots()  # the load overwrites the weights in place
         ckpt.load(path, self.lightning_module, self.optimizers[0], state, same_layout)
 
     def remove_checkpoint(self, filepath) -> None:
@@ -153,5 +155,17 @@ class MegatronStrategy(DDPStrategy):
         return ckpt.run_record(self.lightning_module, self.layout, self.world_size)
 
     def teardown(self) -> None:
+        wait_for_snapshots()
         super().teardown()
         parallel.destroy()
+
+
+def _after_snapshots(finalize_model_grads):
+    """Megatron's `finalize_model_grads`, which also updates the router's expert bias in place (Megatron-Core
+    0.16: `_update_router_expert_bias`), run once no export snapshot still reads the weights."""
+
+    def finalize(*args, **kwargs):
+        wait_for_snapshots()
+        return finalize_model_grads(*args, **kwargs)
+
+    return finalize

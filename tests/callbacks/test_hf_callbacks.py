@@ -65,9 +65,36 @@ def _refusal(*args, **kwargs):
     return None
 
 
+def _lazy_against_sync(source, tmp, tp=1, ep=2, steps=3):
+    """An export every step, sync and async (lazy snapshot), in two runs of the same training. The writer
+    thread starts the snapshot's copy late, so the next step's forward and backward run first, and so would
+    its expert-bias update and optimizer step, were they not waiting for the copy."""
+    import threading
+    import time
+
+    from bridges.export.snapshot import LazySnapshot
+
+    original = LazySnapshot.copy
+
+    def late(self):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.5)
+        return original(self)
+
+    _fit(source, f"{tmp}/sync", tp=tp, ep=ep, steps=steps, every=1, import_path=source,
+         export_kwargs={"async_write": False})
+    LazySnapshot.copy = late
+    try:
+        _fit(source, f"{tmp}/lazy", tp=tp, ep=ep, steps=steps, every=1, import_path=source)
+    finally:
+        LazySnapshot.copy = original
+
+
 def _world2(tmp, source):
-    """EP2: periodic export with logits probes; resume from step_6; lr=0 round trip; failures."""
+    """EP2: periodic export with logits probes; resume from step_6; lr=0 round trip; failures; lazy
+    snapshot against sync export."""
     out = {}
+    _lazy_against_sync(source, f"{tmp}/lazy_ep2")
     out["periodic"] = _fit(source, f"{tmp}/run1", probe_steps=(3, 6), import_path=source)
     out["resume"] = _fit(source, f"{tmp}/run2", steps=8, every=1, import_path=f"{tmp}/run1/step_6",
                          export_kwargs={"keep_last_k": 1})
@@ -238,6 +265,26 @@ def _is_mtp(name, layers=4):
     return name.startswith(f"model.layers.{layers}.")
 
 
+def _same_exports(root, steps=3):
+    """Every step's async export equals the sync export of that step bit for bit, and the weights and the
+    router's expert bias moved between the steps (so a snapshot of the wrong step could not pass)."""
+    exported = {}
+    for step in range(1, steps + 1):
+        sync = load_file(f"{root}/sync/step_{step}/model.safetensors")
+        lazy = load_file(f"{root}/lazy/step_{step}/model.safetensors")
+        assert set(sync) == set(lazy)
+        differ = [n for n in sync if not torch.equal(sync[n], lazy[n])]
+        assert not differ, f"step {step}: {differ[:5]}"
+        exported[step] = sync
+    first, last = exported[1], exported[steps]
+    moved = [n for n in first if not torch.equal(first[n], last[n])]
+    assert any(n.endswith("e_score_correction_bias") for n in moved) and any(n.endswith("q_proj.weight") for n in moved)
+
+
+def test_lazy_snapshot_export_equals_sync_export_every_step_ep2(world2):
+    _same_exports(f"{world2[0]}/lazy_ep2")
+
+
 def test_periodic_exports_load_in_transformers_with_matching_logits(world2):
     tmp, results = world2
     root = f"{tmp}/run1"
@@ -350,11 +397,13 @@ def test_rank_failing_mid_export_is_agreed_and_leaves_previous_export_intact(wor
 
 
 def _world4(tmp, source):
+    _lazy_against_sync(source, f"{tmp}/lazy_tp2_ep2", tp=2, steps=2)
     return _fit(source, f"{tmp}/lr0", tp=2, ep=2, steps=1, every=0, lr=0.0, import_path=source)
 
 
-def test_tp2_ep2_import_export_round_trip_is_bit_exact(source, tmp_path):
-    run_distributed(4, _world4, str(tmp_path), source, timeout=600)
+def test_tp2_ep2_import_export_round_trip_is_bit_exact_and_lazy_snapshot_equals_sync(source, tmp_path):
+    run_distributed(4, _world4, str(tmp_path), source, timeout=900)
+    _same_exports(f"{tmp_path}/lazy_tp2_ep2", steps=2)
     original = load_file(f"{source}/model.safetensors")
     exported = load_file(f"{tmp_path}/lr0/step_1/model.safetensors")
     assert set(exported) == set(original)
