@@ -5,10 +5,15 @@ process (export) and `load_file` with every byte touched (import), at world 1 an
     python benchmarks/export_import_bench.py [--repeats 5] [--cases ep1,ep2,tp2] [--out docs/benchmarks.json]
 
 Per case (a parallel layout on 1 or 2 gloo processes on this machine), every rank:
-- export: our synchronous export (`write_checkpoint` of `export_pieces(copy=False)` with the specs announced,
-  so pieces are made one at a time) against `save_file` of the whole HF state dict from rank 0;
-- the HF export callback, synchronous and asynchronous: how long `export()` blocks the training loop, how
-  long the export takes, and how much compute a busy loop loses while the background write runs;
+- export: our synchronous export as the callback makes it after its first export (`write_checkpoint` of
+  `pieces_of(owned_params, copy=False)` with the specs announced, so pieces are made one at a time, and the
+  plan kept in a `PlanCache`) against `save_file` of the whole HF state dict from rank 0;
+- the HF export callback, synchronous and asynchronous, each followed by the next training step (forward and
+  backward of this model on 1 x 128 tokens, then an in-place update behind `wait_for_snapshots()`, where the
+  optimizer step waits): how long training waits per export (`export()` blocked + that wait), and how long
+  the export takes;
+- training time per step with an async export every 3 steps against none, and with the writer thread's CPU
+  time taken out (on this 2-core machine the background write competes with training for cores);
 - memory: peak resident bytes above the rank's level before the export, for each of the three exports;
 - import: `import_weights` from our export's files against `load_file` + touching every tensor from rank 0,
   with the bytes each rank reads and its peak resident memory above the level before the import.
@@ -82,8 +87,8 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
     from safetensors.torch import load_file, save_file
 
     import callbacks.hf_export as hf_export_module
-    from bridges.export.specs import export_pieces, export_specs, hf_tensor_specs
-    from bridges.export.writer import write_checkpoint
+    from bridges.export.specs import export_specs, hf_tensor_specs, owned_params, pieces_of
+    from bridges.export.writer import PlanCache, write_checkpoint
     from bridges.load import import_weights
     from bridges.rules.local_params import local_params
     from bridges.megatron import build, parallel
@@ -137,9 +142,11 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
 
     ours_dir, ref_dir = os.path.join(scratch, f"{case}_ours"), os.path.join(scratch, f"{case}_save_file")
 
-    def our_export(out=ours_dir):
-        write_checkpoint(export_pieces([model], glm45, arch, copy=False), specs, out, group=group, fsync=False,
-                         piece_specs=export_specs([model], glm45, arch))
+    owned, plan_cache = owned_params([model], glm45, arch), PlanCache()
+
+    def our_export(out=ours_dir):  # as the callback's sync mode after its first export: plan and pieces kept
+        write_checkpoint(pieces_of(owned, copy=False), specs, out, group=group, fsync=False,
+                         piece_specs=[spec for o in owned for _, spec in o.pieces], plan_cache=plan_cache)
 
     def single_writer():
         os.makedirs(ref_dir, exist_ok=True)
@@ -157,7 +164,7 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
             remove(out)
     figures["export"] = export
 
-    # ---- the callback: blocked time per export, sync and async; compute lost beside the async write
+    # ---- the callback, sync and async, each followed by the next training step: how long training waits
     hf_export_module.write_checkpoint = functools.partial(write_checkpoint, fsync=False)  # page cache, see above
     trainer = SimpleNamespace(global_step=0, global_rank=rank, world_size=world, loggers=[], datamodule=None,
                               default_root_dir=os.path.join(scratch, case), strategy=SimpleNamespace(layout=layout))
@@ -165,27 +172,34 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
                              mtp_enabled=True)
     callback = HFExportCallback(dirpath=os.path.join(scratch, f"{case}_callback"), save_last=False)
     callback.on_fit_start(trainer, module)
-    work = _Work(torch)
-    idle_rate = work.rate(1.0)
+    write_cpu: list[float] = []  # CPU seconds of each export's write (the writer thread's, async)
+    real_write = callback._write
 
-    def callback_export(async_write: bool) -> dict:
+    def counted_write(job, global_rank):
+        cpu = time.thread_time()
+        real_write(job, global_rank)
+        write_cpu.append(time.thread_time() - cpu)
+
+    callback._write = counted_write
+    step = _TrainStep(model, arch.vocab_size)
+    step.run()  # warm-up
+
+    def callback_export(async_write: bool, next_step: bool = True) -> dict:
+        """One export, then the next step; stall = export() blocked + the optimizer step's wait."""
         callback.async_write = async_write
         trainer.global_step += 1
         dist.barrier()
         start = time.perf_counter()
         callback.export(trainer, module)
         blocked = time.perf_counter() - start
-        done, busy = 0, time.perf_counter()
-        while callback._thread is not None and callback._thread.is_alive():  # training goes on meanwhile
-            work.step()
-            done += 1
-        busy = time.perf_counter() - busy
+        compute, fence = step.run() if next_step else (0.0, 0.0)
         callback.on_train_end(trainer, module)  # waits for the write (save_last=False: nothing new)
         seconds = callback.history[-1]["seconds"]
         dist.barrier()
         if rank == 0:
             shutil.rmtree(callback.history[-1]["path"])
-        return {"blocked": blocked, "seconds": seconds, "lost_compute": max(0.0, busy - done / idle_rate)}
+        return {"blocked": blocked, "fence": fence, "stall": blocked + fence, "compute": compute,
+                "seconds": seconds, "write_cpu": write_cpu[-1]}
 
     def callback_runs(n: int) -> dict:
         runs = {"sync": [], "async": []}
@@ -194,11 +208,38 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
                 runs["async" if async_write else "sync"].append(callback_export(async_write))
         return runs
 
+    callback_export(True)  # the first export makes the plan and the snapshot buffers; later ones reuse them
     figures["callback"] = callback_runs(repeats)
     if durable_runs:  # the callback as it ships: fsync before publishing, so the disk sets the pace
         hf_export_module.write_checkpoint = write_checkpoint
         figures["callback_durable"] = callback_runs(durable_runs)
         hf_export_module.write_checkpoint = functools.partial(write_checkpoint, fsync=False)
+
+    # ---- training time per step with an async export every EVERY steps against none, taking turns
+    def train(steps: int, every: int) -> dict:
+        del write_cpu[:]
+        dist.barrier()
+        start = time.perf_counter()
+        for i in range(steps):
+            if every and i % every == 0:
+                trainer.global_step += 1
+                callback.export(trainer, module)
+            step.run()
+        callback.on_train_end(trainer, module)
+        per_step = (time.perf_counter() - start) / steps
+        dist.barrier()
+        if rank == 0:
+            for entry in callback.history[-len(write_cpu):] if write_cpu else []:
+                shutil.rmtree(entry["path"], ignore_errors=True)
+        return {"per_step": per_step, "write_cpu_per_step": sum(write_cpu) / steps}
+
+    callback.async_write = True
+    training = {"every": TRAIN_EVERY, "steps": TRAIN_STEPS, "with_export": [], "without": []}
+    for r in range(max(2, repeats // 2)):
+        for every in ((TRAIN_EVERY, 0) if r % 2 == 0 else (0, TRAIN_EVERY)):
+            training["with_export" if every else "without"].append(train(TRAIN_STEPS, every))
+    figures["training"] = training
+    figures["step"] = {"batch": step.batch, "seq": step.seq}
     callback.on_fit_end(trainer, module)  # releases the export root's lock
 
     # ---- import: ours (every rank, its own regions) against load_file + touch on rank 0
@@ -226,8 +267,8 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
     # ---- memory: peak above the level before (free heap pages returned first, so reuse counts)
     del reference
     memory = {}
-    for label, fn in (("library sync", our_export), ("callback sync", lambda: callback_export(False)),
-                      ("callback async", lambda: callback_export(True))):
+    for label, fn in (("library sync", our_export), ("callback sync", lambda: callback_export(False, False)),
+                      ("callback async", lambda: callback_export(True, False))):
         dist.barrier()
         with PeakRSS() as peak:
             fn()
@@ -244,21 +285,43 @@ def _nbytes(spec) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-class _Work:
-    """A stand-in for training compute: small matrix products, one thread (as every rank here)."""
+TRAIN_STEPS, TRAIN_EVERY = 6, 3  # the training-time comparison: steps per run, an export every this many
 
-    def __init__(self, torch):
-        self.a = torch.randn(256, 256)
 
-    def step(self) -> None:
-        self.a = (self.a @ self.a).tanh_()
+class _TrainStep:
+    """A training step of the bench model itself, as an export overlaps it: forward and backward on `batch`
+    sequences of `seq` tokens, then every weight updated in place (plain SGD) once `wait_for_snapshots()`
+    returns, where Megatron's optimizer step waits too. Returns (forward + backward seconds, wait seconds)."""
 
-    def rate(self, seconds: float) -> float:
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            self.step()
-            n += 1
-        return n / (time.perf_counter() - start)
+    def __init__(self, model, vocab_size: int, batch: int = 1, seq: int = 128):
+        import torch
+
+        from bridges.megatron.build import causal_attention_mask
+
+        self.model, self.batch, self.seq = model, batch, seq
+        tokens = torch.randint(0, vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
+        self.inputs, self.labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        self.position_ids = torch.arange(seq).expand(batch, seq)
+        self.mask = causal_attention_mask(seq)
+
+    def run(self) -> tuple[float, float]:
+        import torch
+
+        from bridges.export.snapshot import wait_for_snapshots
+
+        start = time.perf_counter()
+        loss = self.model(self.inputs, self.position_ids, self.mask, labels=self.labels)
+        loss.float().mean().backward()
+        compute = time.perf_counter() - start
+        start = time.perf_counter()
+        wait_for_snapshots()
+        fence = time.perf_counter() - start
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-1e-6)
+                    p.grad = None
+        return compute, fence
 
 
 def summarise(case: str, ranks: list[dict]) -> dict:
@@ -272,19 +335,11 @@ def summarise(case: str, ranks: list[dict]) -> dict:
         # CPU seconds: ours on the busiest rank, the reference on rank 0 (which ran it)
         "export_ours_cpu": _busiest_cpu(ranks, "export ours"), "export_save_file_cpu": _rank0_cpu(r0, "export save_file"),
         "import_ours_cpu": _busiest_cpu(ranks, "import ours"), "import_load_file_cpu": _rank0_cpu(r0, "import load_file"),
-        "sync_blocked": med(x["blocked"] for x in r0["callback"]["sync"]),
-        "async_blocked": med(max(r["callback"]["async"][i]["blocked"] for r in ranks) for i in range(len(r0["callback"]["async"]))),
-        "async_seconds": med(x["seconds"] for x in r0["callback"]["async"]),
-        "async_lost_compute": med(max(r["callback"]["async"][i]["lost_compute"] for r in ranks)
-                                  for i in range(len(r0["callback"]["async"]))),
+        **_stalls(ranks, "callback"),
+        "durable": {"runs": len(r0["callback_durable"]["sync"]), **_stalls([r0], "callback_durable")}
+        if r0.get("callback_durable") else None,
         "import_ours": med(r0["import"]["ours"]), "import_load_file": med(r0["import"]["load_file"]),
-        "durable": {
-            "runs": len(r0["callback_durable"]["sync"]),
-            "sync_blocked": med(x["blocked"] for x in r0["callback_durable"]["sync"]),
-            "async_blocked": med(x["blocked"] for x in r0["callback_durable"]["async"]),
-            "async_seconds": med(x["seconds"] for x in r0["callback_durable"]["async"]),
-            "async_lost_compute": med(x["lost_compute"] for x in r0["callback_durable"]["async"]),
-        } if r0.get("callback_durable") else None,
+        "step": r0["step"], "training": _training(ranks),
         "per_rank": [
             {"own_param_bytes": r["own_param_bytes"], "written_bytes": r["written_bytes"],
              "bytes_read": r["import"]["bytes_read"], "memory": r["memory"],
@@ -293,9 +348,38 @@ def summarise(case: str, ranks: list[dict]) -> dict:
         ],
         "runs": {  # every run, in seconds (rank 0)
             "export": r0["export"], "import": {k: r0["import"][k] for k in ("ours", "load_file")},
-            "callback": {mode: [x["blocked"] for x in runs] for mode, runs in r0["callback"].items()},
+            "callback": {mode: [x["stall"] for x in runs] for mode, runs in r0["callback"].items()},
         },
     }
+
+
+def _stalls(ranks: list[dict], key: str) -> dict:
+    """Medians over runs of the slowest rank: how long training waited per export, sync and async."""
+    def slowest(mode: str, what: str) -> float:
+        runs = len(ranks[0][key][mode])
+        return statistics.median(max(r[key][mode][i][what] for r in ranks) for i in range(runs))
+
+    return {
+        "sync_blocked": slowest("sync", "blocked"), "async_blocked": slowest("async", "blocked"),
+        "async_fence": slowest("async", "fence"), "async_stall": slowest("async", "stall"),
+        "async_seconds": slowest("async", "seconds"), "step_compute": slowest("sync", "compute"),
+        "step_compute_beside_copy": slowest("async", "compute"), "async_write_cpu": slowest("async", "write_cpu"),
+    }
+
+
+def _training(ranks: list[dict]) -> dict:
+    """Seconds per training step with an async export every N steps and without (slowest rank, medians), and
+    with the write's CPU seconds (the writer thread's, per step) taken out of the former."""
+    t = ranks[0]["training"]
+
+    def slowest(kind: str, what: str) -> float:
+        return statistics.median(max(r["training"][kind][i][what] for r in ranks) for i in range(len(t[kind])))
+
+    with_export = slowest("with_export", "per_step")
+    write_cpu = slowest("with_export", "write_cpu_per_step")
+    return {"every": t["every"], "steps": t["steps"], "with_export": with_export,
+            "without": slowest("without", "per_step"), "write_cpu_per_step": write_cpu,
+            "with_export_minus_write_cpu": with_export - write_cpu}
 
 
 def _busiest_cpu(ranks: list[dict], label: str) -> float:
