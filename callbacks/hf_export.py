@@ -234,7 +234,6 @@ class HFExportCallback(pl.Callback):
         layout = source.expert_layout if source else None
         arch = pl_module.arch
         owned, specs = self._owned_params(pl_module, dtype, layout)
-        specs = dict(specs)
         piece_specs, carried = [spec for o in owned for _, spec in o.pieces], ()
         config_arch = arch
         if self.mtp_passthrough and not pl_module.mtp_enabled and source and source.mtp_tensors:
@@ -243,7 +242,7 @@ class HFExportCallback(pl.Callback):
             reader = SafetensorsCheckpoint(source.path)
             carried = [PieceSpec(n, tuple(reader.shape(n)), reader.dtype(n), full_region(tuple(reader.shape(n))))
                        for n in source.mtp_tensors]
-            specs.update({c.hf_name: (c.hf_shape, c.dtype) for c in carried})
+            specs = {**specs, **{c.hf_name: (c.hf_shape, c.dtype) for c in carried}}
             if trainer.global_rank == 0:  # rank 0 writes them, read from the source while writing
                 piece_specs = piece_specs + carried
                 carried = (Piece(c, reader.read(c.hf_name)) for c in carried)
@@ -308,8 +307,7 @@ class HFExportCallback(pl.Callback):
 
     @staticmethod
     def _release(job: _Job) -> None:
-        if job.snapshot is not None:
-            job.snapshot.copy()  # a no-op once copied; never leaves a parameter write waiting
+        if job.snapshot is not None:  # copied first if it was not (a failure): no parameter write is left waiting
             job.snapshot.release()
             job.snapshot = None
 
