@@ -24,9 +24,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from bridges.export.specs import hf_tensor_specs  # noqa: E402
-from bridges.export.coverage import check_coverage  # noqa: E402
-from bridges.export.plan import plan_files  # noqa: E402
-from bridges.export.writer import DEFAULT_MAX_SHARD_BYTES, PlanCache, _plan_merges, plan_export  # noqa: E402
+from bridges.export.writer import DEFAULT_MAX_SHARD_BYTES, PlanCache, plan_export  # noqa: E402
 from bridges.megatron.layout import ParallelLayout  # noqa: E402
 from bridges.models import glm45  # noqa: E402
 from bridges.checkpoint.piece_bytes import piece_nbytes  # noqa: E402
@@ -47,9 +45,8 @@ def plan(name: str, layout: ParallelLayout, world: int, stages: dict, dtype=torc
     planner = LayoutPlanner(glm45, arch, layout, world, **stages)
     specs_by_rank = planner.all_export_specs(dtype)
     pieces_cpu = time.process_time() - cpu
-    check_coverage(tensor_specs, specs_by_rank)
-    files = plan_files(tensor_specs, DEFAULT_MAX_SHARD_BYTES)
-    merges = _plan_merges(specs_by_rank)
+    export_plan = plan_export(tensor_specs, specs_by_rank, DEFAULT_MAX_SHARD_BYTES)  # coverage, files, merges
+    files, merges = export_plan.files, export_plan.merges
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     written = [sum(piece_nbytes(s) for s in specs) for specs in specs_by_rank]
     first, later = _per_export_cpu(planner, tensor_specs, specs_by_rank, dtype)

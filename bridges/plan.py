@@ -18,11 +18,9 @@ import torch
 from bridges.checkpoint import hf_config
 from bridges.checkpoint.piece_bytes import piece_nbytes
 from bridges.errors import debug, user_errors
-from bridges.export.coverage import check_coverage
-from bridges.export.plan import plan_files
 from bridges.export.specs import hf_tensor_specs
 from bridges.export.virtual_ranks import LayoutPlanner
-from bridges.export.writer import DEFAULT_MAX_SHARD_BYTES, _plan_merges
+from bridges.export.writer import DEFAULT_MAX_SHARD_BYTES, plan_export
 from bridges.megatron.layout import ParallelLayout
 from bridges.models import family_for
 from bridges.rules.vision_tower import MEGATRON_PREFIX as VISION_PREFIX
@@ -89,14 +87,12 @@ def plan_export_of(config: dict, layout: ParallelLayout, world: int, dtype: str 
     planner = LayoutPlanner(family, arch, layout, world)
     tensor_specs = hf_tensor_specs(family, arch, DTYPES[dtype])
     specs_by_rank = planner.all_export_specs(DTYPES[dtype])
-    check_coverage(tensor_specs, specs_by_rank)
-    files = plan_files(tensor_specs, max_shard_bytes)
-    merges = _plan_merges(specs_by_rank) if world > 1 else []
+    plan = plan_export(tensor_specs, specs_by_rank, max_shard_bytes)  # what write_checkpoint checks and plans
     vision = {name for rule in planner.ruleset.rules if rule.megatron.startswith(VISION_PREFIX) for name in rule.hf}
     return ExportPlanSummary(
         model_type=config["model_type"], layout=layout, world=world, dtype=dtype, tensors=len(tensor_specs),
-        file_sizes=[f.size for f in files.files], bytes_by_rank=[sum(map(piece_nbytes, s)) for s in specs_by_rank],
-        merged_tensors=len(merges), vision_tensors=len(vision),
+        file_sizes=[f.size for f in plan.files.files], bytes_by_rank=[sum(map(piece_nbytes, s)) for s in specs_by_rank],
+        merged_tensors=len(plan.merges), vision_tensors=len(vision),
         vision_bytes=sum(math.prod(tensor_specs[n][0]) * tensor_specs[n][1].itemsize for n in vision),
         vision_writers=[r for r, specs in enumerate(specs_by_rank) if any(s.hf_name in vision for s in specs)],
         first_stage_ranks=[v.rank for v in planner.ranks if v.pp_rank == 0],
