@@ -126,9 +126,10 @@ def markdown(figures: dict, plan: dict | None, png: str | None) -> str:
     name = lambda n: CASE_NAMES.get(n, n)  # noqa: E731
     md += _section(
         "Export against the single-writer limit",
-        "Ours: `write_checkpoint(export_pieces(model, copy=False), piece_specs=export_specs(model))` on every rank "
-        "(owner-writes, pieces made one at a time, row-parallel shards merged in their TP group, plan and coverage "
-        "check included). Reference: `safetensors.torch.save_file` of the same HF tensors (names, shapes, dtype) "
+        "Ours: the callback's sync export after its first one, on every rank: `write_checkpoint(pieces_of(owned, "
+        "copy=False), piece_specs=..., plan_cache=...)` (owner-writes, pieces made one at a time, row-parallel "
+        "shards merged in their TP group; the owned parameters and the plan, coverage check included, kept from "
+        "the first export). Reference: `safetensors.torch.save_file` of the same HF tensors (names, shapes, dtype) "
         "from one process.",
         ["layout", "ours (s)", "save_file (s)", "ours (GB/s)", "save_file (GB/s)", "ours / save_file", "target", "",
          "best runs: ours / save_file", "CPU s: ours (busiest rank) / save_file"],
