@@ -30,10 +30,17 @@ def wait_for_snapshots() -> None:
 
 
 class HostBuffers:
-    """Host tensors kept from one snapshot to the next (pinned where they receive CUDA copies)."""
+    """Host tensors kept from one snapshot to the next (pinned where they receive CUDA copies), and the side
+    stream the CUDA copies run on."""
 
     def __init__(self):
         self._free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        self._streams: dict = {}
+
+    def stream(self, device: torch.device):
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
         key = (tuple(like.shape), like.dtype, like.is_cuda)
@@ -61,7 +68,7 @@ class LazySnapshot:
         cuda = [(host, t) for host, t in zip(self.hosts, self._sources) if t.is_cuda]
         if cuda:  # behind everything the compute stream was given so far: the optimizer step included
             device = cuda[0][1].device
-            stream = torch.cuda.Stream(device)
+            stream = buffers.stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for host, t in cuda:
