@@ -97,8 +97,9 @@ def build_run(cfg: DictConfig):
         hf_config_path=hf_config_path, source_hf_config=hf_config.load_config(hf_config_path),
         params_dtype=str(precision), knobs=knobs)
     if cfg.mtp.enabled and not module.mtp_enabled and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"mtp: off: {hf_config_path} declares no MTP layers "
-              f"(num_nextn_predict_layers: {module.source_hf_config.get('num_nextn_predict_layers', 0)}), "
+        family = module.family
+        counted = f" ({family.mtp.count_field}: {family.mtp_layers(module.source_hf_config)})" if family.mtp else ""
+        print(f"mtp: off: {hf_config_path} gives no MTP layer to build{counted}, "
               f"so mtp.enabled=true builds no MTP block and trains without the MTP loss", flush=True)
     layout = ParallelLayout(**OmegaConf.to_container(cfg.parallel))
     devices = devices_per_node(cfg.trainer.devices, str(cfg.trainer.accelerator))

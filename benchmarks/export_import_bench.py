@@ -93,7 +93,7 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
     from bridges.rules.local_params import local_params
     from bridges.megatron import build, parallel
     from bridges.megatron.layout import ParallelLayout
-    from bridges.models import glm45
+    from bridges.models.glm45 import FAMILY as glm45
     from bridges.checkpoint.piece_bytes import piece_nbytes
     from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
     from callbacks.hf_export import HFExportCallback

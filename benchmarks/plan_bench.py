@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from bridges.export.specs import hf_tensor_specs  # noqa: E402
 from bridges.export.writer import DEFAULT_MAX_SHARD_BYTES, PlanCache, plan_export  # noqa: E402
 from bridges.megatron.layout import ParallelLayout  # noqa: E402
-from bridges.models import glm45  # noqa: E402
+from bridges.models.glm45 import FAMILY as glm45  # noqa: E402
 from bridges.checkpoint.piece_bytes import piece_nbytes  # noqa: E402
 from bridges.export.virtual_ranks import LayoutPlanner  # noqa: E402
 from tests.bridges.test_full_scale_plan import GLM45_355B  # noqa: E402

@@ -18,9 +18,11 @@ import torch.distributed as dist
 
 from bridges.checkpoint import mxfp4
 from bridges.checkpoint.hf_config import HFConfigError
+from bridges.rules.expert_layouts import ExpertLayout
 from bridges.rules.local_params import Ranks, local_params
 from bridges.architecture import GPTArchitecture
-from bridges.models import family_module
+from bridges.models import family_of
+from bridges.models.family import Family
 from bridges.checkpoint.pieces import HFSource, region_shape
 from bridges.rank_status import global_rank, group_rank_and_size
 from bridges.rules.rule import RuleSet
@@ -52,12 +54,12 @@ class ImportReport:
     loaded: list[str] = field(default_factory=list)  # local Megatron names filled on this rank
     ignored: dict[str, str] = field(default_factory=dict)  # HF name -> why it was not loaded
     warnings: list[str] = field(default_factory=list)  # e.g. MTP copies that differ from the main weights
-    expert_layout: str = ""
+    expert_layout: ExpertLayout | None = None  # None: not decided (the checkpoint could not be read)
     dequantized: list[str] = field(default_factory=list)  # HF tensors read from MXFP4 blocks / scales
 
 
 def import_weights(
-    model_chunks, family, arch: GPTArchitecture, source: HFSource, dtype: torch.dtype | None = None,
+    model_chunks, family: Family | str, arch: GPTArchitecture, source: HFSource, dtype: torch.dtype | None = None,
     config: dict | None = None, ranks: Ranks | None = None, group=None,
 ) -> ImportReport:
     """Load `source` into this rank's model chunks (every rank calls this together).
@@ -69,38 +71,36 @@ def import_weights(
     changes no parameter (only a file that fails to read after every check passed leaves the model partly loaded).
     """
     ranks = ranks or Ranks.current()
-    module = family_module(family)
+    family = family_of(family)
     errors = []
     try:
         source = mxfp4.dequantized(source, dtype)
     except mxfp4.MXFP4Error as e:  # agreed below with the other findings
         errors.append(str(e))
     report = ImportReport()
-    report.expert_layout = _expert_layout(module, source, arch, config, report, errors)
+    report.expert_layout = _expert_layout(family, source, arch, config, report, errors)
     report.dequantized = sorted(getattr(source, "quantized", ()))
-    ruleset = module.rules(arch, report.expert_layout)
+    ruleset = family.ruleset(arch, report.expert_layout)
     errors += check_source(ruleset, source, dtype, report)
     if config is not None:
-        errors += check_config(module, arch, config)
+        errors += check_config(family, arch, config)
     plan, plan_errors = _plan(model_chunks, ruleset, ranks)
     _agree("checking the checkpoint", errors + plan_errors, group)
     _agree("reading the checkpoint", _stream(plan, source, report, ranks), group, changed=True)
     return report
 
 
-def _expert_layout(module, source: HFSource, arch: GPTArchitecture, config: dict | None, report: ImportReport,
-                   errors: list[str]) -> str:
-    """The checkpoint's expert layout. Families whose layouts differ in shape, not names (Qwen3-VL-MoE),
-    decide with `expert_layout_of(source, arch, config)` -> (layout, notes); notes become report warnings."""
-    if not hasattr(module, "expert_layout_of"):
-        return module.detect_expert_layout(source.keys())
+def _expert_layout(family: Family, source: HFSource, arch: GPTArchitecture, config: dict | None,
+                   report: ImportReport, errors: list[str]) -> ExpertLayout:
+    """The checkpoint's expert layout (its notes become report warnings); on failure the family's default, the
+    error agreed with the other findings."""
     try:
-        layout, notes = module.expert_layout_of(source, arch, config)
-    except ValueError as e:  # agreed below with the other findings
+        found = family.detect(source, arch, config)
+    except ValueError as e:
         errors.append(str(e))
-        return module.EXPERT_LAYOUTS[0]
-    report.warnings += notes
-    return layout
+        return family.default_layout
+    report.warnings += found.notes
+    return found.layout
 
 
 def check_source(ruleset: RuleSet, source: HFSource, dtype: torch.dtype | None, report: ImportReport) -> list[str]:
@@ -144,10 +144,10 @@ def _location(source: HFSource, name: str) -> str:
         return str(getattr(inner, "directory", "the checkpoint"))
 
 
-def check_config(module, arch: GPTArchitecture, config: dict) -> list[str]:
+def check_config(family: Family, arch: GPTArchitecture, config: dict) -> list[str]:
     """The checkpoint's config.json against the architecture the model was built with."""
     try:
-        source = module.architecture(config)
+        source = family.architecture(config)
     except HFConfigError as e:
         return [f"config.json: {e}"]
     errors = [

@@ -23,7 +23,7 @@ from bridges.megatron import build, cpu_runtime, parallel
 from bridges.megatron.forward import main_logits
 from bridges.megatron.layout import ParallelLayout
 from bridges.errors import debug, user_errors
-from bridges.models import family_for, family_module
+from bridges.models import family_for
 from bridges.checkpoint.pieces import region_shape
 from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 from bridges.rules.vision_tower import VisionTower
@@ -85,7 +85,7 @@ def verify(
     # Round trip: each rank compares the pieces it owns; coverage is checked on metadata from all ranks.
     # Optional tensors (MTP copies of the embedding / head) are compared only where the source has them.
     present = set(source.keys())
-    rules = family_module(family).rules(arch, imported.expert_layout).hf_tensors()
+    rules = family.ruleset(arch, imported.expert_layout).hf_tensors()
     absent_optional = {name for name, (_, _, mirror) in rules.items() if mirror and name not in present}
     differ = [
         piece.spec.hf_name

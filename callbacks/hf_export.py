@@ -31,8 +31,7 @@ import torch.distributed as dist
 
 from bridges import dtypes
 from bridges.checkpoint.hf_config import with_legacy_spellings
-from bridges.checkpoint.pieces import Piece, PieceSpec, full_region
-from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
+from bridges.checkpoint.pieces import Piece, PieceSpec
 from bridges.export import directory as export_dir
 from bridges.export.snapshot import HostBuffers, LazySnapshot
 from bridges.export.specs import OwnedParam, hf_tensor_specs, owned_params, pieces_of
@@ -229,7 +228,7 @@ class HFExportCallback(pl.Callback):
     def _prepare(self, trainer, pl_module, step: int, final: str) -> _Job:
         """What this rank writes, plus what rank 0 adds."""
         start = time.monotonic()
-        source = getattr(pl_module, "hf_source", None)
+        source = pl_module.hf_source
         dtype = self.dtype or (source.dtype if source else pl_module.params_dtype)
         layout = source.expert_layout if source else None
         arch = pl_module.arch
@@ -238,14 +237,12 @@ class HFExportCallback(pl.Callback):
         config_arch = arch
         if self.mtp_passthrough and not pl_module.mtp_enabled and source and source.mtp_tensors:
             # MTP off in this run: carry the source's MTP tensors through unchanged, keep its count.
-            config_arch = replace(arch, mtp_num_layers=pl_module.family.architecture(source.config).mtp_num_layers)
-            reader = SafetensorsCheckpoint(source.path)
-            carried = [PieceSpec(n, tuple(reader.shape(n)), reader.dtype(n), full_region(tuple(reader.shape(n))))
-                       for n in source.mtp_tensors]
+            config_arch = replace(arch, mtp_num_layers=source.mtp_layers)
+            carried = source.mtp_specs()
             specs = {**specs, **{c.hf_name: (c.hf_shape, c.dtype) for c in carried}}
             if trainer.global_rank == 0:  # rank 0 writes them, read from the source while writing
                 piece_specs = piece_specs + carried
-                carried = (Piece(c, reader.read(c.hf_name)) for c in carried)
+                carried = source.read_pieces(carried)
             else:
                 carried = ()
         # Spelled for transformers 4.x and 5.x alike (servers still run 4.x).
@@ -264,7 +261,7 @@ class HFExportCallback(pl.Callback):
             "import_source": source.path if source else None,
             "run_id": self.run_id,
         }
-        companions = source.companion_files() if source else []
+        companions = list(source.companions) if source else []
         now = time.monotonic()
         return _Job(step, final, owned, carried, piece_specs, specs, config, trainer_state, companions, now - start, now)
 

@@ -12,16 +12,13 @@ import os
 import time
 
 import lightning.pytorch as pl
-import torch
 
 from bridges.checkpoint import hf_config
 from bridges.checkpoint.files import CheckpointFileError, check_regular_file
 from bridges.export.snapshot import wait_for_snapshots
-from bridges.load import import_weights
+from bridges.imported import import_checkpoint, open_checkpoint
 from bridges.rank_status import first_failure
-from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
 from callbacks.progress import say
-from callbacks.hf_source import ImportedSource, companion_files, mtp_tensor_names
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -52,27 +49,17 @@ class HFImportCallback(pl.Callback):
             return
         self._done = True
         start = time.monotonic()
-        source, error = None, None
+        opened, error = None, None
         try:  # every check that reads files, before any collective of the import
-            source = SafetensorsCheckpoint(self.path)
-            config = _source_config(self.path, pl_module)
-            companion_files(self.path)
+            opened = open_checkpoint(self.path, pl_module.family, _source_config(self.path, pl_module))
             state = read_trainer_state(self.path, trainer.max_steps) if restore_progress else None
         except Exception as e:  # noqa: BLE001 - agreed below, so no rank waits in a collective alone
             error = e
         _agree_on_opening(self.path, error)
         wait_for_snapshots()  # an export's snapshot may still be reading the weights the import replaces
-        report = import_weights([pl_module.model], pl_module.family, pl_module.arch, source, config=config)
+        pl_module.hf_source, report = import_checkpoint([pl_module.model], pl_module.family, pl_module.arch, opened)
         if hasattr(pl_module, "reload_optimizer_weights"):
             pl_module.reload_optimizer_weights()  # the fp32 masters start from the imported weights
-        dtype = hf_config.dtype(config, default=_usual_dtype(source))
-        pl_module.hf_source = ImportedSource(
-            path=os.path.abspath(self.path),
-            config=config,
-            dtype=dtype,
-            expert_layout=report.expert_layout,
-            mtp_tensors=mtp_tensor_names(source.keys(), pl_module.arch.num_layers),
-        )
         for warning in report.warnings:
             say(f"hf_import: warning: {warning}")
         say(
@@ -89,11 +76,6 @@ def _source_config(path: str, pl_module) -> dict:
     if built_from and os.path.realpath(hf_config.config_path(built_from)) == os.path.realpath(hf_config.config_path(path)):
         return pl_module.source_hf_config
     return hf_config.load_config(path)
-
-
-def _usual_dtype(source) -> torch.dtype:
-    dtypes = [source.dtype(n) for n in source.keys()]
-    return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
 
 
 def _reasons(ignored: dict[str, str]) -> str:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from bridges import dtypes
 from bridges.checkpoint import hf_config
+from bridges.imported import ImportedCheckpoint
 from bridges.megatron import build
 from bridges.megatron.knobs import ModelKnobs
 from bridges.models import family_for
@@ -52,6 +53,7 @@ class MegatronGPTModule(pl.LightningModule):
         self.knobs = knobs or ModelKnobs()
         self.model = None
         self.ddp_model = None
+        self.hf_source: ImportedCheckpoint | None = None  # the HF checkpoint imported, once the import callback ran
         self._val_sums = None
         self.last_metrics: dict[str, float] = {}
 

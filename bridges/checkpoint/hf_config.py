@@ -106,6 +106,38 @@ def with_legacy_spellings(config: dict[str, Any]) -> dict[str, Any]:
 
 # ---- the fields of a SwiGLU / RMSNorm decoder that families spell alike ------------------------------
 
+# transformers 4 spellings an export replaces by `rope_parameters` / `dtype`.
+LEGACY_KEYS = frozenset({"rope_theta", "partial_rotary_factor", "rope_scaling", "torch_dtype"})
+
+
+def check_model_type(config: dict[str, Any], model_type: str) -> None:
+    if config.get("model_type") != model_type:
+        raise HFConfigError(f"expected model_type {model_type!r}, got {config.get('model_type')!r}")
+
+
+def decoder_preamble(config: dict[str, Any], model_type: str, rms_norm_eps: float, **rope_defaults
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What every decoder family reads first: (Megatron TransformerConfig kwargs of the shared decoder fields,
+    rope parameters) of an HF config of `model_type`, refusing another model_type and a rope type other than
+    the default. `rope_defaults`: the family's `rope_theta` / `partial_rotary_factor` when the config has none."""
+    check_model_type(config, model_type)
+    transformer = decoder_transformer(config, rms_norm_eps)
+    rope = rope_parameters({**rope_defaults, **config})
+    if rope["rope_type"] not in ("default", None):
+        raise HFConfigError(f"{model_type}: rope_type {rope['rope_type']!r} is not supported")
+    return transformer, rope
+
+
+def decoder_config(arch, source: dict[str, Any] | None, dtype: torch.dtype | None = None,
+                   dropped: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """What every decoder family's exported config starts from: the import source's fields (those Megatron does not
+    model travel) less `LEGACY_KEYS` and `dropped`, the shared decoder fields of `arch`, and the tensors' dtype."""
+    out = {k: v for k, v in (source or {}).items() if k not in LEGACY_KEYS | dropped}
+    out.update(decoder_fields(arch))
+    if dtype is not None:
+        out["dtype"] = dtype_name(dtype)
+    return out
+
 
 def decoder_transformer(config: dict[str, Any], rms_norm_eps: float) -> dict[str, Any]:
     """Megatron TransformerConfig kwargs of the decoder fields HF decoder configs share

@@ -16,7 +16,9 @@ import torch
 
 from bridges.rules.local_params import LocalParam, Ranks, local_params
 from bridges.architecture import GPTArchitecture
-from bridges.models import family_module
+from bridges.models import family_of
+from bridges.models.family import Family
+from bridges.rules.expert_layouts import ExpertLayout
 from bridges.checkpoint.piece_bytes import piece_nbytes
 from bridges.checkpoint.pieces import Piece, PieceSpec, region_shape
 from bridges.rules.rule import Rule, RuleSet
@@ -26,7 +28,8 @@ class ExportError(RuntimeError):
     """A Megatron parameter that no rule maps and no ignore entry explains."""
 
 
-def hf_tensor_specs(family, arch: GPTArchitecture, dtype: torch.dtype, expert_layout: str | None = None) -> dict:
+def hf_tensor_specs(family: Family | str, arch: GPTArchitecture, dtype: torch.dtype,
+                    expert_layout: ExpertLayout | None = None) -> dict:
     """{HF name: (shape, dtype)} of the whole exported checkpoint; the same on every rank (no model needed)."""
     return family_ruleset(family, arch, expert_layout).hf_tensor_specs(dtype)
 
@@ -42,12 +45,12 @@ class OwnedParam:
 
 
 def owned_params(
-    model_chunks, family, arch: GPTArchitecture, dtype: torch.dtype | None = None,
-    expert_layout: str | None = None, ranks: Ranks | None = None,
+    model_chunks, family: Family | str, arch: GPTArchitecture, dtype: torch.dtype | None = None,
+    expert_layout: ExpertLayout | None = None, ranks: Ranks | None = None,
 ) -> list[OwnedParam]:
     """The parameters this rank writes pieces of, and those pieces, cast to `dtype` (None: each parameter's
     own dtype), from metadata alone (no tensor is touched). `expert_layout` is the family's on-disk expert
-    layout (GLM-4.5: "per_expert", the default, or "fused"); export in the layout of the import source.
+    layout (None: its default, e.g. GLM-4.5 per expert); export in the layout of the import source.
     `ranks` defaults to Megatron's parallel state. Depends only on the model, the layout and the dtype, so a
     caller may keep it from one export to the next."""
     ranks = ranks or Ranks.current()
@@ -81,26 +84,25 @@ def pieces_of(owned: Sequence[OwnedParam], tensors: Sequence[torch.Tensor] | Non
 
 
 def export_specs(
-    model_chunks, family, arch: GPTArchitecture, dtype: torch.dtype | None = None,
-    expert_layout: str | None = None, ranks: Ranks | None = None,
+    model_chunks, family: Family | str, arch: GPTArchitecture, dtype: torch.dtype | None = None,
+    expert_layout: ExpertLayout | None = None, ranks: Ranks | None = None,
 ) -> list[PieceSpec]:
     """What `export_pieces` would yield on this rank, as metadata only (no tensor is touched)."""
     return [spec for o in owned_params(model_chunks, family, arch, dtype, expert_layout, ranks) for _, spec in o.pieces]
 
 
 def export_pieces(
-    model_chunks, family, arch: GPTArchitecture, dtype: torch.dtype | None = None,
-    expert_layout: str | None = None, ranks: Ranks | None = None, copy: bool = True,
+    model_chunks, family: Family | str, arch: GPTArchitecture, dtype: torch.dtype | None = None,
+    expert_layout: ExpertLayout | None = None, ranks: Ranks | None = None, copy: bool = True,
 ) -> Iterator[Piece]:
     """The HF pieces this rank owns (`owned_params`), made one at a time (`pieces_of`), in the order of
     `export_specs`."""
     yield from pieces_of(owned_params(model_chunks, family, arch, dtype, expert_layout, ranks), copy=copy)
 
 
-def family_ruleset(family, arch: GPTArchitecture, expert_layout: str | None = None) -> RuleSet:
+def family_ruleset(family: Family | str, arch: GPTArchitecture, expert_layout: ExpertLayout | None = None) -> RuleSet:
     """The family's complete rule table for `arch` (its default expert layout when None)."""
-    module = family_module(family)
-    return module.rules(arch, expert_layout) if expert_layout else module.rules(arch)
+    return family_of(family).ruleset(arch, expert_layout)
 
 
 def owned_pieces(held: list[tuple[Rule, torch.dtype]], ranks: Ranks) -> list[list[tuple[int, PieceSpec]]]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from bridges.export.specs import family_ruleset, owned_pieces
+from bridges.rules.expert_layouts import ExpertLayout
 from bridges.rules.local_params import EMBEDDING, OUTPUT, Ranks
 from bridges.architecture import GPTArchitecture
 from bridges.megatron.layout import ParallelLayout, stage_layers  # noqa: F401 (stage_layers re-exported)
@@ -75,7 +76,7 @@ class LayoutPlanner:
 
     def __init__(
         self, family, arch: GPTArchitecture, layout: ParallelLayout, world_size: int,
-        expert_layout: str | None = None, first_stage_layers: int | None = None, last_stage_layers: int | None = None,
+        expert_layout: ExpertLayout | None = None, first_stage_layers: int | None = None, last_stage_layers: int | None = None,
     ):
         if first_stage_layers is not None or last_stage_layers is not None:  # else the layout's own split
             layout = replace(layout, first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)

@@ -13,12 +13,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from bridges.architecture import GPTArchitecture, MRoPE
 from bridges.checkpoint import hf_config as hfc
 from bridges.checkpoint import vlm_config
-from bridges.architecture import GPTArchitecture, MRoPE
 from bridges.models import glm45
-from bridges.rules.groups import EXPERT_LAYOUTS, PER_EXPERT, detect_expert_layout  # noqa: F401 - family interface
-from bridges.rules.rule import RuleSet  # noqa: F401 - family interface
+from bridges.models.family import Family, MTPNaming
+from bridges.rules.expert_layouts import ExpertLayout
+from bridges.rules.rule import RuleSet
 from bridges.rules.vision_tower import VisionTower
 
 MODEL_TYPE = "glm4v_moe"
@@ -30,8 +31,7 @@ DEFAULT_PARTIAL_ROTARY = 0.5  # Glm4vMoeTextConfig's default
 
 def architecture(config: dict[str, Any]) -> GPTArchitecture:
     """Megatron architecture (GLM-4.5 language model, mrope, vision tower spec) of an HF `glm4v_moe` config."""
-    if config.get("model_type") != MODEL_TYPE:
-        raise hfc.HFConfigError(f"expected model_type {MODEL_TYPE!r}, got {config.get('model_type')!r}")
+    hfc.check_model_type(config, MODEL_TYPE)
     text = hfc.require(config, "text_config")
     vision = {k: v for k, v in hfc.require(config, "vision_config").items() if k != "model_type"}
     text = {"partial_rotary_factor": DEFAULT_PARTIAL_ROTARY, **text,
@@ -67,7 +67,13 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
                               dtype)
 
 
-def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
+def rules(arch: GPTArchitecture, expert_layout: ExpertLayout = ExpertLayout.PER_EXPERT) -> RuleSet:
     """The complete rule table (GLM-4.5 language model under `model.language_model.`, vision tower)."""
     text = glm45.rules(arch, expert_layout, prefix=TEXT)
     return RuleSet(text.rules + arch.extra["vision"].rules(VISUAL), text.ignored_hf, text.ignored_megatron)
+
+
+# The source's MTP layers are never built (see above) but an MTP passthrough carries them: they follow the
+# language model's layers, counted in text_config.
+FAMILY = Family(MODEL_TYPE, architecture, hf_config, rules, expert_layouts=glm45.FAMILY.expert_layouts,
+                mtp=MTPNaming("num_nextn_predict_layers", in_text_config=True, after_decoder=TEXT))

@@ -15,12 +15,15 @@ from typing import Any
 
 import torch
 
-from bridges.checkpoint import hf_config as hfc
-from bridges.rules.local_params import EMBEDDING, OUTPUT
 from bridges.architecture import GPTArchitecture, YarnScaling
-from bridges.rules.groups import fused_expert, fused_expert_bias, fused_gated_expert, qkv
-from bridges.rules.rule import Ignore, Rule, RuleSet, same
-from bridges.rules.sharding import COLUMN, ROW, vocab_parallel
+from bridges.checkpoint import hf_config as hfc
+from bridges.models.family import Family
+from bridges.rules.expert_layouts import ExpertLayout, always
+from bridges.rules.groups import (
+    embeddings_and_head, fused_expert, fused_expert_bias, fused_gated_expert, qkv, router,
+)
+from bridges.rules.rule import Rule, RuleSet, same
+from bridges.rules.sharding import COLUMN, ROW
 
 MODEL_TYPE = "gpt_oss"
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -46,8 +49,7 @@ class SigmoidGate:
 
 def architecture(config: dict[str, Any]) -> GPTArchitecture:
     """Megatron architecture of an HF `gpt_oss` config (transformers 4 or 5 style, MXFP4 or not)."""
-    if config.get("model_type") != MODEL_TYPE:
-        raise hfc.HFConfigError(f"expected model_type {MODEL_TYPE!r}, got {config.get('model_type')!r}")
+    hfc.check_model_type(config, MODEL_TYPE)
     req = lambda key: hfc.require(config, key)  # noqa: E731
     get = lambda key: config[key] if key in config else DEFAULTS[key]  # noqa: E731 - as GptOssConfig reads it
     if not get("attention_bias"):
@@ -167,7 +169,7 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
     (exports hold the dequantized experts).
     """
     t = arch.transformer
-    out: dict[str, Any] = {k: v for k, v in (source or {}).items() if k not in _DROPPED_KEYS}
+    out = hfc.decoder_config(arch, source, dtype, dropped=frozenset({"quantization_config"}))
     window, window_layers = t.get("window_size"), t.get("window_attn_skip_freq")
     layer_types = [SLIDING if window and window_layers[i] else FULL for i in range(t["num_layers"])]
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": arch.rotary_base}
@@ -177,8 +179,7 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
                     original_max_position_embeddings=y.original_max_position_embeddings, truncate=y.truncate)
         if y.mscale is not None:
             rope.update(mscale=y.mscale, mscale_all_dim=y.mscale_all_dim)
-    out.update(hfc.decoder_fields(arch))  # hidden_act "silu": not read by transformers' GPT-OSS experts
-    out.update(
+    out.update(  # decoder_config's hidden_act "silu": not read by transformers' GPT-OSS experts
         architectures=["GptOssForCausalLM"],
         model_type=MODEL_TYPE,
         intermediate_size=t["moe_ffn_hidden_size"],
@@ -192,39 +193,18 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
         swiglu_alpha=t["activation_func"].alpha,
         swiglu_limit=t["activation_func_clamp_value"],
     )
-    if dtype is not None:
-        out["dtype"] = hfc.dtype_name(dtype)
     return out
-
-
-# transformers 4 spellings replaced on export, and the quantization of an MXFP4 source.
-_DROPPED_KEYS = {"rope_theta", "rope_scaling", "torch_dtype", "quantization_config"}
 
 
 # ---- weights: HF tensors <-> Megatron parameters -------------------------------------------------
 
-FUSED = "fused"  # the only layout: experts.gate_up_proj [E, H, 2I] (interleaved) and down_proj [E, I, H]
-EXPERT_LAYOUTS = (FUSED,)
-
-
-def detect_expert_layout(hf_names) -> str:
-    return FUSED
-
-
-def rules(arch: GPTArchitecture, expert_layout: str = FUSED) -> RuleSet:
-    """The complete rule table of a GPT-OSS model built as `arch` (global names, every layer)."""
-    if expert_layout not in EXPERT_LAYOUTS:
-        raise ValueError(f"gpt_oss: expert layout {expert_layout!r} is not one of {EXPERT_LAYOUTS}")
+def rules(arch: GPTArchitecture, expert_layout: ExpertLayout = ExpertLayout.FUSED_IN_OUT) -> RuleSet:
+    """The complete rule table of a GPT-OSS model built as `arch` (global names, every layer); experts are always
+    fused [E, in, out] with gate/up interleaved."""
     s = _Shapes(arch)
-    table = [
-        same(EMBEDDING, "model.embed_tokens.weight", s.vocab, vocab_parallel(arch.vocab_size)),
-        same("decoder.final_layernorm.weight", "model.norm.weight", s.norm),
-    ]
-    if not arch.tie_word_embeddings:
-        table.append(same(OUTPUT, "lm_head.weight", s.vocab, vocab_parallel(arch.vocab_size)))
+    table, ignored = embeddings_and_head(arch, "model.")
     for layer in range(arch.num_layers):
         table += _layer(s, f"decoder.layers.{layer}.", f"model.layers.{layer}.")
-    ignored = [Ignore(r"lm_head\.weight", "tied to model.embed_tokens.weight")] if arch.tie_word_embeddings else []
     return RuleSet(table, ignored_hf=ignored)
 
 
@@ -239,7 +219,7 @@ def _layer(s: "_Shapes", m: str, h: str) -> list[Rule]:
         same(a + "linear_proj.bias",                   ha + "o_proj.bias",                    s.o_bias),
         same(a + "core_attention.softmax_offset",      ha + "sinks",                          s.sinks, COLUMN),
         same(m + "pre_mlp_layernorm.weight",           h + "post_attention_layernorm.weight", s.norm),
-        same(m + "mlp.router.weight",                  h + "mlp.router.weight",               s.router),
+        *router(m + "mlp.", h + "mlp.router.", s.experts, s.norm[0]),
         same(m + "mlp.router.bias",                    h + "mlp.router.bias",                 s.experts_1d),
     ]
     hx = h + "mlp.experts."
@@ -264,12 +244,15 @@ class _Shapes:
         q, kv = t["num_attention_heads"] * d, t["num_query_groups"] * d
         self.experts = e = t["num_moe_experts"]
         self.head_dim = d
-        self.vocab = (arch.vocab_size, hidden)
         self.norm = (hidden,)
         self.qkv_weight = ((q, hidden), (kv, hidden), (kv, hidden))
         self.qkv_bias = ((q,), (kv,), (kv,))
         self.o_proj, self.o_bias = (hidden, q), (hidden,)
         self.sinks = (t["num_attention_heads"],)
-        self.router, self.experts_1d = (e, hidden), (e,)
+        self.experts_1d = (e,)
         self.gate_up, self.gate_up_bias = (e, hidden, 2 * ffn), (e, 2 * ffn)
         self.down, self.down_bias = (e, ffn, hidden), (e, hidden)
+
+
+FAMILY = Family(MODEL_TYPE, architecture, hf_config, rules, expert_layouts=(ExpertLayout.FUSED_IN_OUT,),
+                detect_layout=always(ExpertLayout.FUSED_IN_OUT))

@@ -15,22 +15,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from bridges.architecture import GPTArchitecture, MRoPE
 from bridges.checkpoint import hf_config as hfc
 from bridges.checkpoint import vlm_config
-from bridges.rules.local_params import EMBEDDING, MTP_INNER, OUTPUT
-from bridges.architecture import GPTArchitecture, MRoPE
-from bridges.models import qwen3_vl_moe
+from bridges.models.family import Family, MTPNaming
 from bridges.models.qwen3_moe import num_experts
-from bridges.rules.groups import FUSED, PER_EXPERT, gated_attention, gated_delta_net, gated_mlp, routed_experts
+from bridges.rules.expert_layouts import ExpertLayout
+from bridges.rules.groups import (
+    embeddings_and_head, gated_attention, gated_delta_net, gated_mlp, layer_norms, routed_experts, router,
+)
+from bridges.rules.local_params import MTP_INNER
 from bridges.rules.rule import Ignore, Rule, RuleSet, same
-from bridges.rules.sharding import COLUMN, vocab_parallel
+from bridges.rules.sharding import COLUMN
 from bridges.rules.vision_tower import VisionTower
 
 MODEL_TYPE = "qwen3_5_moe"
 TEXT = "model.language_model."
 VISUAL = "model.visual."
-IN_OUT = qwen3_vl_moe.IN_OUT  # fused experts stored [E, in, out]
-EXPERT_LAYOUTS = (PER_EXPERT, FUSED, IN_OUT)  # save_pretrained writes per expert
+# save_pretrained writes per expert; fused experts are [E, out, in] or [E, in, out] (decided from shapes)
+EXPERT_LAYOUTS = (ExpertLayout.PER_EXPERT, ExpertLayout.FUSED, ExpertLayout.FUSED_IN_OUT)
 DEFAULT_MROPE_SECTION = (11, 11, 10)  # transformers' default when the config has none
 DEFAULT_PARTIAL_ROTARY = 0.25  # Qwen3_5MoeTextConfig's default
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -38,8 +41,7 @@ LINEAR, FULL = "linear_attention", "full_attention"
 
 def architecture(config: dict[str, Any]) -> GPTArchitecture:
     """Megatron architecture (hybrid language model, mrope, vision tower spec) of an HF `qwen3_5_moe` config."""
-    if config.get("model_type") != MODEL_TYPE:
-        raise hfc.HFConfigError(f"expected model_type {MODEL_TYPE!r}, got {config.get('model_type')!r}")
+    hfc.check_model_type(config, MODEL_TYPE)
     text = dict(hfc.require(config, "text_config"), model_type=MODEL_TYPE)
     vision = {k: v for k, v in hfc.require(config, "vision_config").items() if k != "model_type"}
     deepstack = vision.get("deepstack_visual_indexes") or []
@@ -167,35 +169,17 @@ def text_hf_config(arch: GPTArchitecture, source_text: dict[str, Any]) -> dict[s
 
 
 # transformers 4 spellings replaced on export; `num_local_experts` by `num_experts`.
-_TEXT_LEGACY_KEYS = {"rope_theta", "rope_scaling", "partial_rotary_factor", "torch_dtype", "num_local_experts"}
-
-
-def expert_layout_of(source, arch: GPTArchitecture, config: dict | None = None) -> tuple[str, list[str]]:
-    """(expert layout, notes): per expert without fused expert tensors, else the fused orientation their shapes
-    (or, for square ones, `transformers_version`) say, as for Qwen3-VL-MoE."""
-    if not any(n.endswith(".mlp.experts.gate_up_proj") or n.endswith(".mlp.experts.down_proj") for n in source.keys()):
-        return PER_EXPERT, []
-    return qwen3_vl_moe.expert_layout_of(source, arch, config)
+_TEXT_LEGACY_KEYS = hfc.LEGACY_KEYS | {"num_local_experts"}
 
 
 # ---- weights: HF tensors <-> Megatron parameters -------------------------------------------------
 
 
-def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT, prefix: str = TEXT) -> RuleSet:
+def rules(arch: GPTArchitecture, expert_layout: ExpertLayout = ExpertLayout.PER_EXPERT, prefix: str = TEXT) -> RuleSet:
     """The complete rule table (language model under `prefix`, MTP under `mtp.`, the vision tower if any)."""
-    if expert_layout not in EXPERT_LAYOUTS:
-        raise ValueError(f"qwen3_5_moe: expert layout {expert_layout!r} is not one of {EXPERT_LAYOUTS}")
     t = arch.transformer
-    hidden, vocab = t["hidden_size"], (arch.vocab_size, t["hidden_size"])
-    table = [
-        same(EMBEDDING, prefix + "embed_tokens.weight", vocab, vocab_parallel(arch.vocab_size)),
-        same("decoder.final_layernorm.weight", prefix + "norm.weight", (hidden,)),
-    ]
-    ignored = []
-    if arch.tie_word_embeddings:
-        ignored.append(Ignore(r"lm_head\.weight", f"tied to {prefix}embed_tokens.weight"))
-    else:
-        table.append(same(OUTPUT, "lm_head.weight", vocab, vocab_parallel(arch.vocab_size)))
+    hidden = t["hidden_size"]
+    table, ignored = embeddings_and_head(arch, prefix)
     for layer, linear in enumerate(t["linear_attention_freq"]):
         table += _layer(t, f"decoder.layers.{layer}.", f"{prefix}layers.{layer}.", bool(linear), expert_layout)
     for i in range(arch.mtp_num_layers):
@@ -214,13 +198,10 @@ def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT, prefix: str = 
     return RuleSet(table, ignored_hf=ignored)
 
 
-def _layer(t: dict, m: str, h: str, linear: bool, expert_layout: str) -> list[Rule]:
+def _layer(t: dict, m: str, h: str, linear: bool, expert_layout: ExpertLayout) -> list[Rule]:
     """One decoder layer (Gated DeltaNet or gated attention, then MoE): Megatron names under `m`, HF under `h`."""
     hidden, experts = t["hidden_size"], t["num_moe_experts"]
-    table = [
-        same(m + "input_layernorm.weight",   h + "input_layernorm.weight",          (hidden,)),
-        same(m + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight", (hidden,)),
-    ]
+    table = layer_norms(m, h, hidden)
     if linear:
         table += gated_delta_net(m + "self_attention.", h + "linear_attn.", hidden, t["linear_num_key_heads"],
                                  t["linear_num_value_heads"], t["linear_key_head_dim"], t["linear_value_head_dim"],
@@ -228,15 +209,16 @@ def _layer(t: dict, m: str, h: str, linear: bool, expert_layout: str) -> list[Ru
     else:
         table += gated_attention(m + "self_attention.", h + "self_attn.", hidden, t["num_attention_heads"],
                                  t["num_query_groups"], t["kv_channels"])
-    table += [
-        same(m + "mlp.router.weight", h + "mlp.gate.weight", (experts, hidden)),
+    return table + [
+        *router(m + "mlp.", h + "mlp.gate.", experts, hidden),
         *gated_mlp(m + "mlp.shared_experts.", h + "mlp.shared_expert.", t["moe_shared_expert_intermediate_size"],
                    hidden),
         same(m + "mlp.shared_experts.gate_weight", h + "mlp.shared_expert_gate.weight", (1, hidden)),
+        *routed_experts(m + "mlp.experts.", h + "mlp.experts.", experts, t["moe_ffn_hidden_size"], hidden,
+                        expert_layout),
     ]
-    if expert_layout == IN_OUT:
-        return table + qwen3_vl_moe._experts_in_out(m + "mlp.experts.", h + "mlp.experts.", experts,
-                                                    t["moe_ffn_hidden_size"], hidden)
-    return table + routed_experts(m + "mlp.experts.", h + "mlp.experts.", experts, t["moe_ffn_hidden_size"], hidden,
-                                  expert_layout)
 
+
+# MTP: one layer under `mtp.`, counted by text_config.mtp_num_hidden_layers.
+FAMILY = Family(MODEL_TYPE, architecture, hf_config, rules, expert_layouts=EXPERT_LAYOUTS,
+                mtp=MTPNaming("mtp_num_hidden_layers", in_text_config=True, under="mtp."))

@@ -6,19 +6,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridges.checkpoint import hf_config as hfc
 from bridges.architecture import GPTArchitecture
+from bridges.checkpoint import hf_config as hfc
 from bridges.models import qwen3_5_moe
-from bridges.models.qwen3_5_moe import EXPERT_LAYOUTS, expert_layout_of  # noqa: F401 - the family interface
-from bridges.rules.groups import PER_EXPERT
+from bridges.models.family import Family, MTPNaming
+from bridges.rules.expert_layouts import ExpertLayout
 from bridges.rules.rule import RuleSet
 
 MODEL_TYPE = "qwen3_5_moe_text"
 
 
 def architecture(config: dict[str, Any]) -> GPTArchitecture:
-    if config.get("model_type") != MODEL_TYPE:
-        raise hfc.HFConfigError(f"expected model_type {MODEL_TYPE!r}, got {config.get('model_type')!r}")
+    hfc.check_model_type(config, MODEL_TYPE)
     return qwen3_5_moe.text_architecture(config, bool(config.get("tie_word_embeddings", False)), mrope=False)
 
 
@@ -31,6 +30,10 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
     return out
 
 
-def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
+def rules(arch: GPTArchitecture, expert_layout: ExpertLayout = ExpertLayout.PER_EXPERT) -> RuleSet:
     return qwen3_5_moe.rules(arch, expert_layout, prefix="model.")
+
+
+FAMILY = Family(MODEL_TYPE, architecture, hf_config, rules, expert_layouts=qwen3_5_moe.EXPERT_LAYOUTS,
+                mtp=MTPNaming("mtp_num_hidden_layers", under="mtp."))
 

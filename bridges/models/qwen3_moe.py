@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridges.checkpoint import hf_config as hfc
-from bridges.rules.local_params import EMBEDDING, OUTPUT
 from bridges.architecture import GPTArchitecture
-from bridges.rules.groups import (  # noqa: F401 - EXPERT_LAYOUTS, detect_expert_layout: the family interface
-    EXPERT_LAYOUTS, PER_EXPERT, attention, detect_expert_layout, gated_mlp, routed_experts,
-)
-from bridges.rules.rule import Ignore, RuleSet, same
-from bridges.rules.sharding import vocab_parallel
+from bridges.checkpoint import hf_config as hfc
+from bridges.models.family import Family
+from bridges.rules.expert_layouts import ExpertLayout
+from bridges.rules.groups import attention, embeddings_and_head, gated_mlp, layer_norms, routed_experts, router
+from bridges.rules.rule import RuleSet
 
 MODEL_TYPE = "qwen3_moe"
 
@@ -40,19 +38,14 @@ def num_experts(config: dict[str, Any]) -> int:
 
 def architecture(config: dict[str, Any]) -> GPTArchitecture:
     """Megatron architecture of an HF `qwen3_moe` config (either config style)."""
-    if config.get("model_type") != MODEL_TYPE:
-        raise hfc.HFConfigError(f"expected model_type {MODEL_TYPE!r}, got {config.get('model_type')!r}")
     req = lambda key: hfc.require(config, key)  # noqa: E731
     refuse = lambda why: hfc.HFConfigError(f"qwen3_moe: {why}")  # noqa: E731
-    transformer = hfc.decoder_transformer(config, rms_norm_eps=1e-6)
+    transformer, rope = hfc.decoder_preamble(config, MODEL_TYPE, rms_norm_eps=1e-6)
     if config.get("attention_bias"):
         # HF puts biases on q/k/v AND o_proj; Megatron's o_proj bias comes only with biases on every MLP too.
         raise refuse("attention_bias=true is not supported (Megatron cannot bias o_proj alone)")
     if config.get("use_sliding_window"):
         raise refuse("use_sliding_window=true is not supported")
-    rope = hfc.rope_parameters(config)
-    if rope["rope_type"] not in ("default", None):
-        raise refuse(f"rope_type {rope['rope_type']!r} is not supported")
     partial = float(rope["partial_rotary_factor"])
     if partial != 1.0:
         # transformers' qwen3_moe rotates the whole head and ignores this field: refuse rather than guess.
@@ -96,8 +89,7 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
     tokenizer facts) come from `source`, the import source's config, when there is one."""
     t = arch.transformer
     step, mlp_only = _sparse_step(t["moe_layer_freq"], int((source or {}).get("decoder_sparse_step") or 1))
-    out: dict[str, Any] = {k: v for k, v in (source or {}).items() if k not in _LEGACY_KEYS}
-    out.update(hfc.decoder_fields(arch))
+    out = hfc.decoder_config(arch, source, dtype, dropped=frozenset({"num_local_experts"}))  # said as num_experts
     out.update(
         architectures=["Qwen3MoeForCausalLM"],
         model_type=MODEL_TYPE,
@@ -113,13 +105,7 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
         decoder_sparse_step=step,
         mlp_only_layers=mlp_only,
     )
-    if dtype is not None:
-        out["dtype"] = hfc.dtype_name(dtype)
     return out
-
-
-# transformers 4 spellings replaced by `rope_parameters` / `dtype` on export; `num_local_experts` by `num_experts`.
-_LEGACY_KEYS = {"rope_theta", "partial_rotary_factor", "rope_scaling", "torch_dtype", "num_local_experts"}
 
 
 def _sparse_step(pattern: list[int], preferred: int) -> tuple[int, list[int]]:
@@ -134,43 +120,30 @@ def _sparse_step(pattern: list[int], preferred: int) -> tuple[int, list[int]]:
 # ---- weights: HF tensors <-> Megatron parameters -------------------------------------------------
 
 
-def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT) -> RuleSet:
+def rules(arch: GPTArchitecture, expert_layout: ExpertLayout = ExpertLayout.PER_EXPERT) -> RuleSet:
     """The complete rule table of a Qwen3-MoE model built as `arch` (global names, every layer).
     `expert_layout`: per-expert (hub checkpoints, `save_pretrained`) or fused (transformers 5 in memory)."""
-    table, ignored = language_model_rules(
-        arch, "model.", lambda m, h, experts, ffn, hidden: routed_experts(m, h, experts, ffn, hidden, expert_layout)
-    )
+    table, ignored = language_model_rules(arch, "model.", expert_layout)
     return RuleSet(table, ignored_hf=ignored)
 
 
-def language_model_rules(arch: GPTArchitecture, prefix: str, experts_rules) -> tuple[list, list]:
-    """(rules, ignored HF names) of a Qwen3-MoE language model stored under `prefix` (e.g. "model.").
-
-    `experts_rules(megatron_prefix, hf_prefix, experts, ffn, hidden)` gives a MoE layer's routed
-    experts, so families that store them differently (Qwen3-VL-MoE) share the rest of the table."""
+def language_model_rules(arch: GPTArchitecture, prefix: str, expert_layout: ExpertLayout) -> tuple[list, list]:
+    """(rules, ignored HF names) of a Qwen3-MoE language model stored under `prefix` (e.g. "model."), shared with
+    Qwen3-VL-MoE."""
     t = arch.transformer
-    hidden, vocab = t["hidden_size"], (arch.vocab_size, t["hidden_size"])
-    table = [
-        same(EMBEDDING, prefix + "embed_tokens.weight", vocab, vocab_parallel(arch.vocab_size)),
-        same("decoder.final_layernorm.weight", prefix + "norm.weight", (hidden,)),
-    ]
-    ignored = []
-    if arch.tie_word_embeddings:
-        ignored.append(Ignore(r"lm_head\.weight", f"tied to {prefix}embed_tokens.weight"))
-    else:
-        table.append(same(OUTPUT, "lm_head.weight", vocab, vocab_parallel(arch.vocab_size)))
+    hidden, experts = t["hidden_size"], t["num_moe_experts"]
+    table, ignored = embeddings_and_head(arch, prefix)
     for layer, moe in enumerate(t["moe_layer_freq"]):
         m, h = f"decoder.layers.{layer}.", f"{prefix}layers.{layer}."
         table += [
-            same(m + "input_layernorm.weight",   h + "input_layernorm.weight",          (hidden,)),
-            same(m + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight", (hidden,)),
+            *layer_norms(m, h, hidden),
             *attention(m + "self_attention.", h + "self_attn.", hidden, t["num_attention_heads"],
                        t["num_query_groups"], t["kv_channels"], qk_norm=True),
         ]
         if moe:
-            table.append(same(m + "mlp.router.weight", h + "mlp.gate.weight", (t["num_moe_experts"], hidden)))
-            table += experts_rules(m + "mlp.experts.", h + "mlp.experts.", t["num_moe_experts"],
-                                   t["moe_ffn_hidden_size"], hidden)
+            table += router(m + "mlp.", h + "mlp.gate.", experts, hidden)
+            table += routed_experts(m + "mlp.experts.", h + "mlp.experts.", experts, t["moe_ffn_hidden_size"], hidden,
+                                    expert_layout)
         else:
             table += gated_mlp(m + "mlp.", h + "mlp.", t["ffn_hidden_size"], hidden)
     return table, ignored
@@ -183,3 +156,7 @@ DEFAULT_AUX_LOSS_COEF = 0.001
 def _aux_loss_coef(config: dict) -> float:
     value = config.get("router_aux_loss_coef")
     return DEFAULT_AUX_LOSS_COEF if value is None else float(value)
+
+
+FAMILY = Family(MODEL_TYPE, architecture, hf_config, rules,
+                expert_layouts=(ExpertLayout.PER_EXPERT, ExpertLayout.FUSED))

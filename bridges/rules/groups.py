@@ -1,11 +1,19 @@
-"""Rule groups: the rules of a whole module (attention, MLP, routed experts) in the HF naming families share,
-built from the one-tensor constructors below. Pure functions of names and shapes."""
+"""Rule groups: the rules of a whole module (embeddings and head, norms, attention, MLP, router, routed experts),
+built from the one-tensor constructors below. HF names default to the spelling most families share and are
+parameters where families differ (Mixtral's `w1/w3/w2`). Pure functions of names and shapes."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
+
+from bridges.architecture import GPTArchitecture
 from bridges.rules import ops
-from bridges.rules.rule import Rule, Shape, same
-from bridges.rules.sharding import COLUMN, HEADS, REPLICATED, ROW, Sharding
+from bridges.rules.expert_layouts import ExpertLayout
+from bridges.rules.local_params import EMBEDDING, OUTPUT
+from bridges.rules.rule import Ignore, Rule, Shape, same
+from bridges.rules.sharding import COLUMN, HEADS, REPLICATED, ROW, Sharding, vocab_parallel
 
 # ---- rule constructors: the vocabulary of family tables ----------------------------------------
 
@@ -53,26 +61,69 @@ def fused_gated_expert(
     return Rule(megatron, (hf,), (tuple(shape),), views=views, combine=ops.GateUpConcat(), shard=COLUMN, expert=expert)
 
 
-# ---- groups: the rules of a whole module, in the HF naming several families share ----------------
+# ---- groups: the rules of a whole module --------------------------------------------------------
+
+
+class MLPNames(NamedTuple):
+    """HF names of a SwiGLU MLP's projections (each `<name>.weight`)."""
+
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+
+SWIGLU = MLPNames()
+
+
+def embeddings_and_head(
+    arch: GPTArchitecture, prefix: str = "model.", embed_mirrors: tuple[str, ...] = (),
+    head_mirrors: tuple[str, ...] = (),
+) -> tuple[list[Rule], list[Ignore]]:
+    """(rules, ignored HF names) of the word embedding `<prefix>embed_tokens`, the final norm `<prefix>norm` and
+    the output head `lm_head` (top level; ignored with the reason when tied to the embedding). `*_mirrors`: HF
+    copies of the embedding / head (MTP layers' own), written on export and checked on import; a tied model's
+    head copies mirror the embedding."""
+    hidden = arch.transformer["hidden_size"]
+    vocab, shard = (arch.vocab_size, hidden), vocab_parallel(arch.vocab_size)
+    tied = arch.tie_word_embeddings
+    table = [
+        same(EMBEDDING, prefix + "embed_tokens.weight", vocab, shard,
+             mirrors=embed_mirrors + (head_mirrors if tied else ())),
+        same("decoder.final_layernorm.weight", prefix + "norm.weight", (hidden,)),
+    ]
+    if tied:
+        return table, [Ignore(r"lm_head\.weight", f"tied to {prefix}embed_tokens.weight")]
+    return table + [same(OUTPUT, "lm_head.weight", vocab, shard, mirrors=head_mirrors)], []
+
+
+def layer_norms(m: str, h: str, hidden: int, names: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")
+                ) -> list[Rule]:
+    """A decoder layer's two norms: HF `names` (before attention, before the MLP) under `h` <-> Megatron
+    `input_layernorm`, `pre_mlp_layernorm` under `m`."""
+    return [
+        same(m + "input_layernorm.weight", h + names[0] + ".weight", (hidden,)),
+        same(m + "pre_mlp_layernorm.weight", h + names[1] + ".weight", (hidden,)),
+    ]
 
 
 def attention(
-    m: str, h: str, hidden: int, heads: int, groups: int, head_dim: int, bias: bool = False, qk_norm: bool = False
+    m: str, h: str, hidden: int, heads: int, groups: int, head_dim: int, bias: bool = False, qk_norm: bool = False,
+    proj: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj"), norms: tuple[str, str] = ("q_norm", "k_norm"),
 ) -> list[Rule]:
-    """Self-attention: HF `{q,k,v,o}_proj` (+ q/k/v biases, + per-head `q_norm`/`k_norm`) under `h` <->
+    """Self-attention: HF `proj` (q, k, v, o; + q/k/v biases, + per-head QK `norms`) under `h` <->
     Megatron `linear_qkv`, `linear_proj` (+ `linear_qkv.bias`, `{q,k}_layernorm`) under `m`."""
     q, kv = heads * head_dim, groups * head_dim
     weights = ((q, hidden), (kv, hidden), (kv, hidden))
     table = [
-        qkv(m + "linear_qkv.weight", *(h + f"{p}_proj.weight" for p in "qkv"), weights, head_dim),
-        same(m + "linear_proj.weight", h + "o_proj.weight", (hidden, q), ROW),
+        qkv(m + "linear_qkv.weight", *(h + f"{p}.weight" for p in proj[:3]), weights, head_dim),
+        same(m + "linear_proj.weight", h + proj[3] + ".weight", (hidden, q), ROW),
     ]
     if bias:
-        table.append(qkv(m + "linear_qkv.bias", *(h + f"{p}_proj.bias" for p in "qkv"), ((q,), (kv,), (kv,)), head_dim))
+        table.append(qkv(m + "linear_qkv.bias", *(h + f"{p}.bias" for p in proj[:3]), ((q,), (kv,), (kv,)), head_dim))
     if qk_norm:
         table += [
-            same(m + "q_layernorm.weight", h + "q_norm.weight", (head_dim,)),
-            same(m + "k_layernorm.weight", h + "k_norm.weight", (head_dim,)),
+            same(m + "q_layernorm.weight", h + norms[0] + ".weight", (head_dim,)),
+            same(m + "k_layernorm.weight", h + norms[1] + ".weight", (head_dim,)),
         ]
     return table
 
@@ -114,40 +165,44 @@ def gated_delta_net(
     ]
 
 
-def gated_mlp(m: str, h: str, ffn: int, hidden: int, expert: int | None = None) -> list[Rule]:
-    """A SwiGLU MLP (dense, shared experts or one routed expert): HF `{gate,up,down}_proj.weight` under `h`
+def gated_mlp(m: str, h: str, ffn: int, hidden: int, expert: int | None = None, names: MLPNames = SWIGLU
+              ) -> list[Rule]:
+    """A SwiGLU MLP (dense, shared experts or one routed expert): HF `names` (gate, up, down) under `h`
     <-> Megatron `linear_fc1.weight` ([gate; up], column-parallel) and `linear_fc2.weight` under `m`."""
     return [
-        gate_up(m + "linear_fc1.weight", h + "gate_proj.weight", h + "up_proj.weight", (ffn, hidden), expert),
-        down(m + "linear_fc2.weight", h + "down_proj.weight", (hidden, ffn), expert),
+        gate_up(m + "linear_fc1.weight", h + names.gate + ".weight", h + names.up + ".weight", (ffn, hidden), expert),
+        down(m + "linear_fc2.weight", h + names.down + ".weight", (hidden, ffn), expert),
     ]
 
 
-PER_EXPERT = "per_expert"  # HF `experts.{e}.{gate,up,down}_proj.weight` (hub checkpoints, save_pretrained)
-FUSED = "fused"  # HF `experts.gate_up_proj` [E, 2I, H] (gate then up) and `experts.down_proj` [E, H, I]
-EXPERT_LAYOUTS = (PER_EXPERT, FUSED)
-
-
-def detect_expert_layout(hf_names) -> str:
-    """Which routed-expert layout a checkpoint holds (per-expert when it has no fused expert tensor)."""
-    return FUSED if any(n.endswith(".mlp.experts.gate_up_proj") for n in hf_names) else PER_EXPERT
-
-
-def routed_experts(m: str, h: str, experts: int, ffn: int, hidden: int, layout: str = PER_EXPERT) -> list[Rule]:
-    """Every routed expert of one MoE layer, HF names under `h` (`...mlp.experts.`) in `layout`, <->
-    Megatron `local_experts.{e}.linear_fc{1,2}.weight` under `m` (global expert numbers)."""
-    if layout not in EXPERT_LAYOUTS:
-        raise ValueError(f"expert layout {layout!r} is not one of {EXPERT_LAYOUTS}")
-    table = []
-    for e in range(experts):
-        x = m + f"local_experts.{e}."
-        if layout == PER_EXPERT:
-            table += gated_mlp(x, h + f"{e}.", ffn, hidden, expert=e)
-        else:
-            table += [
-                fused_gated_expert(x + "linear_fc1.weight", h + "gate_up_proj", (experts, 2 * ffn, hidden), e),
-                fused_expert(x + "linear_fc2.weight", h + "down_proj", (experts, hidden, ffn), e),
-            ]
+def router(m: str, h: str, experts: int, hidden: int, expert_bias: str | None = None,
+           also_accepts: tuple[torch.dtype, ...] = ()) -> list[Rule]:
+    """A MoE router: HF `<h>weight` [E, H] (+ a sigmoid router's `<h><expert_bias>` [E], kept in fp32 on both
+    sides) <-> Megatron `<m>router.weight` (+ the `router.expert_bias` buffer). `also_accepts`: dtypes import takes
+    for the weight besides the checkpoint's (transformers keeps some routers in fp32)."""
+    table = [same(m + "router.weight", h + "weight", (experts, hidden), also_accepts=also_accepts)]
+    if expert_bias:
+        table.append(same(m + "router.expert_bias", h + expert_bias, (experts,), dtype=torch.float32))
     return table
 
 
+def routed_experts(m: str, h: str, experts: int, ffn: int, hidden: int,
+                   layout: ExpertLayout = ExpertLayout.PER_EXPERT, names: MLPNames = SWIGLU) -> list[Rule]:
+    """Every routed expert of one MoE layer, HF names under `h` (`...experts.`) in `layout` (per expert: `names`;
+    fused: `gate_up_proj` (gate then up) and `down_proj`, [E, out, in] or [E, in, out]) <-> Megatron
+    `local_experts.{e}.linear_fc{1,2}.weight` under `m` (global expert numbers)."""
+    layout = ExpertLayout(layout)
+    in_out = layout == ExpertLayout.FUSED_IN_OUT
+    gate_up_shape = (experts, hidden, 2 * ffn) if in_out else (experts, 2 * ffn, hidden)
+    down_shape = (experts, ffn, hidden) if in_out else (experts, hidden, ffn)
+    table = []
+    for e in range(experts):
+        x = m + f"local_experts.{e}."
+        if layout == ExpertLayout.PER_EXPERT:
+            table += gated_mlp(x, h + f"{e}.", ffn, hidden, expert=e, names=names)
+        else:
+            table += [
+                fused_gated_expert(x + "linear_fc1.weight", h + "gate_up_proj", gate_up_shape, e, transpose=in_out),
+                fused_expert(x + "linear_fc2.weight", h + "down_proj", down_shape, e, transpose=in_out),
+            ]
+    return table

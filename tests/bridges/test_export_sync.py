@@ -28,13 +28,13 @@ def export_both_ways(root: str, layouts) -> None:
         parallel.initialize(layout)
         model = build.build_gpt_model(arch, layout)
         before = {n: t.clone() for n, t in model.state_dict().items() if torch.is_tensor(t)}
-        specs = hf_tensor_specs(glm45, arch, torch.float32)
-        snapshot = list(export_pieces([model], glm45, arch))
+        specs = hf_tensor_specs(glm45.FAMILY, arch, torch.float32)
+        snapshot = list(export_pieces([model], glm45.FAMILY, arch))
         write_checkpoint(snapshot, specs, os.path.join(root, f"{i}_snapshot"), max_shard_bytes=200_000)
         write_checkpoint(snapshot, specs, os.path.join(root, f"{i}_gather"), max_shard_bytes=200_000, mode="gather")
         del snapshot
-        write_checkpoint(export_pieces([model], glm45, arch, copy=False), specs, os.path.join(root, f"{i}_lazy"),
-                         max_shard_bytes=200_000, piece_specs=export_specs([model], glm45, arch))
+        write_checkpoint(export_pieces([model], glm45.FAMILY, arch, copy=False), specs, os.path.join(root, f"{i}_lazy"),
+                         max_shard_bytes=200_000, piece_specs=export_specs([model], glm45.FAMILY, arch))
         assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items() if torch.is_tensor(t))
 
 

@@ -69,7 +69,7 @@ def arch():
 
 @pytest.fixture(scope="module")
 def tensor_specs(arch):
-    return hf_tensor_specs(glm45, arch, DTYPE)
+    return hf_tensor_specs(glm45.FAMILY, arch, DTYPE)
 
 
 def test_the_config_is_the_355b_model(tensor_specs):
@@ -84,7 +84,7 @@ def test_the_config_is_the_355b_model(tensor_specs):
 @pytest.mark.parametrize("layout, world, stages", LAYOUTS)
 def test_export_plan_at_full_scale(arch, tensor_specs, layout, world, stages):
     start = time.process_time()
-    planner = LayoutPlanner(glm45, arch, layout, world, **stages)
+    planner = LayoutPlanner(glm45.FAMILY, arch, layout, world, **stages)
     specs_by_rank = planner.all_export_specs(DTYPE)
     check_coverage(tensor_specs, specs_by_rank)  # every element exactly once, no overlap
     plan = plan_files(tensor_specs, DEFAULT_MAX_SHARD_BYTES)
@@ -109,7 +109,7 @@ def test_export_plan_at_full_scale(arch, tensor_specs, layout, world, stages):
 def test_import_plan_reads_what_each_rank_holds(arch, tensor_specs):
     """Each rank reads the regions of the parameters it holds: their bytes (vocab padding aside); every
     tensor but the MTP copies of embedding and head (which import checks, never loads) is read."""
-    planner = LayoutPlanner(glm45, arch, ParallelLayout(tp=8, pp=4, ep=8, etp=1), 32)
+    planner = LayoutPlanner(glm45.FAMILY, arch, ParallelLayout(tp=8, pp=4, ep=8, etp=1), 32)
     read_anywhere = set()
     for vrank in planner.ranks:
         specs = planner.import_specs(vrank, DTYPE)

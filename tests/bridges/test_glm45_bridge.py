@@ -58,8 +58,8 @@ def round_trips(checkpoints, layouts):
     for layout in layouts:
         for expert_layout, (directory, ids, _) in checkpoints.items():
             config, arch, model = _setup(directory, layout)
-            report = import_weights([model], glm45, arch, SafetensorsCheckpoint(directory), config=config)
-            exported = export_pieces([model], glm45, arch, None, report.expert_layout)
+            report = import_weights([model], glm45.FAMILY, arch, SafetensorsCheckpoint(directory), config=config)
+            exported = export_pieces([model], glm45.FAMILY, arch, None, report.expert_layout)
             pieces = [(p.spec.hf_name, p.spec.region, p.tensor.numpy()) for p in exported]
             logits = main_logits(model, ids, arch.vocab_size).numpy()
             # numpy, not torch: torch shares returned tensors by file descriptor, gone once this process exits.
@@ -77,12 +77,12 @@ def other_namings(directory):
 
     config, arch, model = _setup(directory, ParallelLayout())
     source = SafetensorsCheckpoint(directory)
-    import_weights([model], glm45, arch, source)
+    import_weights([model], glm45.FAMILY, arch, source)
     renamed = Renamed(model)
     assert any(".mtp_model_layer." in n for n in renamed.state_dict()) and any(".linear_fc1.weight7" in n for n in renamed.state_dict())
-    differ = [p.spec.hf_name for p in export_pieces([renamed], glm45, arch) if not torch.equal(p.tensor, source.read(p.spec.hf_name, p.spec.region))]
+    differ = [p.spec.hf_name for p in export_pieces([renamed], glm45.FAMILY, arch) if not torch.equal(p.tensor, source.read(p.spec.hf_name, p.spec.region))]
     _, _, fresh = _setup(directory, ParallelLayout())
-    import_weights([Renamed(fresh)], glm45, arch, source)
+    import_weights([Renamed(fresh)], glm45.FAMILY, arch, source)
     unequal = [n for n, t in fresh.state_dict().items() if torch.is_tensor(t) and not torch.equal(t, model.state_dict()[n])]
     return differ, unequal
 

@@ -70,14 +70,14 @@ def round_trips(plain, quantized, layouts, mxfp4_layouts):
     for layout in layouts:
         parallel.initialize(layout)
         model = build.build_gpt_model(arch, layout)
-        import_weights([model], gpt_oss, arch, SafetensorsCheckpoint(plain), config=config)
+        import_weights([model], gpt_oss.FAMILY, arch, SafetensorsCheckpoint(plain), config=config)
         # numpy, not torch: torch shares returned tensors by file descriptor, gone once this process exits.
-        pieces = [(p.spec.hf_name, p.spec.region, p.tensor.numpy()) for p in export_pieces([model], gpt_oss, arch)]
+        pieces = [(p.spec.hf_name, p.spec.region, p.tensor.numpy()) for p in export_pieces([model], gpt_oss.FAMILY, arch)]
         result = {"layout": layout, "pieces": pieces, "logits": main_logits(model, IDS, arch.vocab_size).numpy()}
         if layout in mxfp4_layouts:
             fresh = build.build_gpt_model(arch, layout)
             source = RecordingCheckpoint(quantized)
-            report = import_weights([fresh], gpt_oss, arch, source, config=hfc.load_config(quantized))
+            report = import_weights([fresh], gpt_oss.FAMILY, arch, source, config=hfc.load_config(quantized))
             reference = model.state_dict()
             result["mxfp4"] = {
                 "dequantized": report.dequantized,

@@ -25,7 +25,7 @@ HUB = dict(MINIMAL, rope_scaling={"beta_fast": 32.0, "beta_slow": 1.0, "factor":
 def test_tiny_config_maps_every_feature():
     arch = gpt_oss.architecture(tiny_config().to_dict())
     t = arch.transformer
-    assert family_for({"model_type": "gpt_oss"}) is gpt_oss
+    assert family_for({"model_type": "gpt_oss"}) is gpt_oss.FAMILY
     assert t["window_size"] == (4, 0) and t["window_attn_skip_freq"] == [1, 0, 1, 0]  # sliding_window 5
     assert t["softmax_type"] == "learnable" and t["add_bias_linear"] and t["add_qkv_bias"]
     assert t["activation_func"] == gpt_oss.SigmoidGate(1.5)

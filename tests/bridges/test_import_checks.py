@@ -63,7 +63,7 @@ def checks_world_1(directory):
         source = DictSource(_broken(tensors, case), where=WHERE)
         bad_config = dict(config, routed_scaling_factor=1.0) if case == "config" else config
         try:
-            import_weights([model], glm45, arch, source, config=bad_config)
+            import_weights([model], glm45.FAMILY, arch, source, config=bad_config)
             message = None
         except CheckpointMismatch as e:
             message = str(e)
@@ -73,22 +73,22 @@ def checks_world_1(directory):
     # A bf16 checkpoint re-saved by transformers 5 keeps routers in fp32: accepted, values loaded.
     resaved = {n: t if n.endswith(("mlp.gate.weight", "e_score_correction_bias")) else t.to(torch.bfloat16)
                for n, t in tensors.items()}
-    import_weights([model], glm45, arch, DictSource(resaved, where=WHERE))
+    import_weights([model], glm45.FAMILY, arch, DictSource(resaved, where=WHERE))
     router = model.decoder.layers[2].mlp.router.weight
     out["fp32_router"] = torch.equal(router, tensors["model.layers.2.mlp.gate.weight"])
 
     # Mirrors: a differing MTP copy of the embedding is reported, not fatal.
     mirrored = dict(tensors)
     mirrored["model.layers.4.embed_tokens.weight"] = mirrored["model.layers.4.embed_tokens.weight"] + 1
-    out["mirror"] = import_weights([model], glm45, arch, DictSource(mirrored, where=WHERE)).warnings
+    out["mirror"] = import_weights([model], glm45.FAMILY, arch, DictSource(mirrored, where=WHERE)).warnings
 
     # MTP off: the source's MTP layer is ignored with a reason and not exported.
     no_mtp = arch.without_mtp()
     parallel.initialize(ParallelLayout())
     plain = build.build_gpt_model(no_mtp, ParallelLayout())
-    report = import_weights([plain], glm45, no_mtp, DictSource(tensors, where=WHERE))
-    exported = {p.spec.hf_name for p in export_pieces([plain], glm45, no_mtp)}
-    out["mtp_off"] = (report.ignored, exported, set(hf_tensor_specs(glm45, no_mtp, torch.bfloat16)))
+    report = import_weights([plain], glm45.FAMILY, no_mtp, DictSource(tensors, where=WHERE))
+    exported = {p.spec.hf_name for p in export_pieces([plain], glm45.FAMILY, no_mtp)}
+    out["mtp_off"] = (report.ignored, exported, set(hf_tensor_specs(glm45.FAMILY, no_mtp, torch.bfloat16)))
     # A read that fails after every check passed (the file changed, an I/O error): agreed, and said plainly.
     class FailingSource(DictSource):
         def read(self, name, region=None):
@@ -97,7 +97,7 @@ def checks_world_1(directory):
             return super().read(name, region)
 
     try:
-        import_weights([model], glm45, arch, FailingSource(tensors, where=WHERE))
+        import_weights([model], glm45.FAMILY, arch, FailingSource(tensors, where=WHERE))
         out["read_failure"] = None
     except CheckpointMismatch as e:
         out["read_failure"] = str(e)
@@ -126,7 +126,7 @@ def _directory_cases(directory, model, arch, tensors):
         os.makedirs(path, exist_ok=True)
         save_file({n: t.contiguous() for n, t in tensors.items() if n not in drop}, os.path.join(path, "model.safetensors"))
         try:
-            report = import_weights([model], glm45, arch, SafetensorsCheckpoint(path))
+            report = import_weights([model], glm45.FAMILY, arch, SafetensorsCheckpoint(path))
             out[case] = ("loaded", report.warnings)
         except CheckpointMismatch as e:
             out[case] = ("refused", str(e))
@@ -139,7 +139,7 @@ def _directory_cases(directory, model, arch, tensors):
     try:
         for case, path in (("bytes_full", directory), ("bytes_no_mirrors", os.path.join(variants, "dir_no_mirrors"))):
             with SafetensorsCheckpoint(path) as source:
-                import_weights([model], glm45, arch, source)
+                import_weights([model], glm45.FAMILY, arch, source)
                 in_files = sum(source.header(n).nbytes for n in source.keys())
                 mirrors = sum(source.header(n).nbytes for n in MIRRORS if n in source.keys())
                 out[case] = (source.bytes_read, in_files, mirrors)
@@ -166,7 +166,7 @@ def agreement_world_2(directory):
     if torch.distributed.get_rank() == 1:
         tensors = _broken(tensors, "shape")
     try:
-        import_weights([model], glm45, arch, DictSource(tensors, where=WHERE))
+        import_weights([model], glm45.FAMILY, arch, DictSource(tensors, where=WHERE))
         message = None
     except CheckpointMismatch as e:
         message = str(e)

@@ -15,7 +15,7 @@ LAYERS = [
     ("bridges.rules",),
     ("bridges.megatron",),
     ("bridges.models",),
-    ("bridges.load", "bridges.export"),
+    ("bridges.load", "bridges.export", "bridges.imported"),
     ("bridges.verify", "bridges.errors", "bridges.plan"),
 ]
 TRAINING_SIDE = ("callbacks", "recipes", "train", "lightning", "hydra", "omegaconf")

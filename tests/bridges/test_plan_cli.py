@@ -94,7 +94,7 @@ def _hf_bytes() -> int:
     from bridges.export.specs import hf_tensor_specs
     from bridges.models import glm45
 
-    specs = hf_tensor_specs(glm45, glm45.architecture(GLM45_355B), torch.bfloat16).values()
+    specs = hf_tensor_specs(glm45.FAMILY, glm45.architecture(GLM45_355B), torch.bfloat16).values()
     return sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs)
 
 

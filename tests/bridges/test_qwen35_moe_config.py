@@ -84,12 +84,13 @@ def test_deepstack_is_refused():
 ])
 def test_expert_layout_from_names_and_shapes(experts, expected):
     from bridges.checkpoint.sources import DictSource
+    from bridges.rules.expert_layouts import LayoutFound
 
     arch = qwen3_5_moe.architecture(_config())  # hidden 48, expert ffn 16
     prefixes = ("model.language_model.layers.0", "mtp.layers.0")
     names = [f"{prefix}.mlp.experts.{k}" for prefix in prefixes for k in experts]
     source = DictSource({n: torch.zeros(experts[n.split(".mlp.experts.")[1]]) for n in names})
-    assert qwen3_5_moe.expert_layout_of(source, arch) == (expected, [])
+    assert qwen3_5_moe.FAMILY.detect(source, arch) == LayoutFound(expected)
 
 
 # ---- released sizes --------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def test_released_configs_translate(size):
     config, low, high = RELEASED[size]
     arch = qwen3_5_moe.architecture(config)
     assert qwen3_5_moe.architecture(qwen3_5_moe.hf_config(arch, config)) == arch
-    specs = hf_tensor_specs(qwen3_5_moe, arch, torch.bfloat16)
+    specs = hf_tensor_specs(qwen3_5_moe.FAMILY, arch, torch.bfloat16)
     total = sum(torch.Size(shape).numel() for shape, _ in specs.values())
     assert low < total < high, total  # the name says the size (MTP layer and vision tower included)
 
@@ -150,8 +151,8 @@ def test_397b_export_plan_at_tp2_pp4_ep32():
 
     config = copy.deepcopy(RELEASED["397B-A17B"][0])
     arch = qwen3_5_moe.architecture(config)
-    planner = LayoutPlanner(qwen3_5_moe, arch, ParallelLayout(tp=2, pp=4, ep=32, etp=1), 128)
-    check_coverage(hf_tensor_specs(qwen3_5_moe, arch, torch.bfloat16), planner.all_export_specs(torch.bfloat16))
+    planner = LayoutPlanner(qwen3_5_moe.FAMILY, arch, ParallelLayout(tp=2, pp=4, ep=32, etp=1), 128)
+    check_coverage(hf_tensor_specs(qwen3_5_moe.FAMILY, arch, torch.bfloat16), planner.all_export_specs(torch.bfloat16))
 
 
 # ---- rules -----------------------------------------------------------------------------------------

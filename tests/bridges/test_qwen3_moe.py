@@ -6,17 +6,14 @@ with no missing or unexpected keys."""
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bridges.checkpoint import hf_config as hfc
 from bridges.models import qwen3_moe
+from tests.bridges.family_checks import check_round_trips, reference
 from tests.bridges.qwen3_moe_tiny import MAIN, VARIANT, make_checkpoint
-from tests.launcher import run_distributed
 
 # Qwen3-30B-A3B as its hub config.json spells it, transformers 4 era.
 HUB = {
@@ -30,7 +27,6 @@ HUB = {
     "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
 }
-LOGITS_ATOL = 1e-5
 
 
 def transformers5_style(config: dict) -> dict:
@@ -169,7 +165,6 @@ def test_top_1_without_renormalisation_translates():
 def checkpoints(tmp_path_factory):
     """{case: (directory, token ids, transformers logits)}; "fused" holds MAIN's weights with fused experts."""
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
 
     from tests.bridges.glm45_tiny import fuse_experts
 
@@ -178,8 +173,7 @@ def checkpoints(tmp_path_factory):
     out = {}
     for case, fields in (("main", MAIN), ("variant", VARIANT)):
         make_checkpoint(str(root / case), seed=len(out), **fields)
-        with torch.no_grad():
-            out[case] = (str(root / case), ids, AutoModelForCausalLM.from_pretrained(str(root / case))(ids).logits)
+        out[case] = reference(str(root / case), ids)
     fused = root / "fused"
     fused.mkdir()
     (fused / "config.json").write_text((root / "main" / "config.json").read_text())
@@ -189,82 +183,19 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def export_round_trips(checkpoints, runs, out_root):
-    """Every rank: per (parallel layout, case) in `runs` import the checkpoint, write the export with the
-    owner-writes engine into `out_root` (config by rank 0) and compute the Megatron logits; returns the logits."""
-    import torch.distributed as dist
-
-    from bridges.export.specs import export_pieces, hf_tensor_specs
-    from bridges.export.writer import write_checkpoint
-    from bridges.load import import_weights
-    from bridges.megatron import build, parallel
-    from bridges.megatron.forward import main_logits
-    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
-
-    logits = {}
-    for layout, case in runs:
-        directory, ids, _ = checkpoints[case]
-        config = hfc.load_config(directory)
-        arch = qwen3_moe.architecture(config)
-        parallel.initialize(layout)
-        model = build.build_gpt_model(arch, layout)
-        report = import_weights([model], qwen3_moe, arch, SafetensorsCheckpoint(directory), config=config)
-        out = os.path.join(out_root, _name(layout, case))
-        specs = hf_tensor_specs(qwen3_moe, arch, torch.float32, report.expert_layout)
-        write_checkpoint(export_pieces([model], qwen3_moe, arch, None, report.expert_layout), specs, out)
-        if dist.get_rank() == 0:
-            with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump(qwen3_moe.hf_config(arch, config, torch.float32), f)
-        # numpy: torch would share the tensor by a file descriptor that dies with this process
-        logits[_name(layout, case)] = main_logits(model, ids, arch.vocab_size).numpy()
-    return logits
-
-
-def _name(layout, case) -> str:
-    return f"tp{layout.tp}_pp{layout.pp}_ep{layout.ep}_{case}"
-
-
-def _check(checkpoints, runs, world_size, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
-
-    per_rank = run_distributed(world_size, export_round_trips, checkpoints, runs, str(tmp_path))
-    for layout, case in runs:
-        name = _name(layout, case)
-        directory, ids, reference = checkpoints[case]
-        source, exported = SafetensorsCheckpoint(directory), SafetensorsCheckpoint(str(tmp_path / name))
-        assert sorted(exported.keys()) == sorted(source.keys()), name
-        differ = [n for n in source.keys() if not torch.equal(exported.read(n), source.read(n))]
-        assert differ == [], f"{name}: not bit-identical after import -> export: {differ}"
-        for rank, logits in enumerate(r[name] for r in per_rank):
-            diff = (torch.from_numpy(logits) - reference).abs().max().item()
-            assert diff <= LOGITS_ATOL, f"{name} rank {rank}: logits differ from transformers by {diff}"
-        model, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / name), output_loading_info=True)
-        assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
-        # What is deterministic by construction is compared bit for bit: the weights transformers loads from
-        # the export and from the source. Logits depend on the CPU kernels' threading (a loaded machine
-        # changed them in the last bits once): a tolerance scaled to their size.
-        expected = AutoModelForCausalLM.from_pretrained(directory).state_dict()
-        loaded = model.state_dict()
-        assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected), name
-        with torch.no_grad():
-            diff = (model(ids).logits - reference).abs().max().item()
-        assert diff <= 1e-5 * reference.abs().max().item(), f"{name}: reloaded export's logits differ by {diff}"
-
-
 def test_world_2_ep1_ep2_pp2(checkpoints, tmp_path):
     """EP1 runs as two data-parallel replicas (one process start less than a world of one)."""
     from bridges.megatron.layout import ParallelLayout
 
     runs = [(ParallelLayout(ep=ep), case) for ep in (1, 2) for case in ("main", "variant", "fused")]
-    _check(checkpoints, runs + [(ParallelLayout(pp=2), "variant")], 2, tmp_path)
+    check_round_trips(qwen3_moe.FAMILY, checkpoints, runs + [(ParallelLayout(pp=2), "variant")], 2, tmp_path)
 
 
 def test_world_4_tp_x_ep(checkpoints, tmp_path):
     from bridges.megatron.layout import ParallelLayout
 
-    _check(checkpoints, [(ParallelLayout(tp=2, ep=2), case) for case in ("main", "variant")], 4, tmp_path)
+    check_round_trips(qwen3_moe.FAMILY, checkpoints, [(ParallelLayout(tp=2, ep=2), case) for case in ("main", "variant")],
+                      4, tmp_path)
 
 
 def test_hf_tensor_specs_describe_the_checkpoints(checkpoints):
@@ -273,7 +204,7 @@ def test_hf_tensor_specs_describe_the_checkpoints(checkpoints):
 
     for case, (directory, _, _) in checkpoints.items():
         source = SafetensorsCheckpoint(directory)
-        layout = qwen3_moe.detect_expert_layout(source.keys())
+        layout = qwen3_moe.FAMILY.detect(source, qwen3_moe.architecture(hfc.load_config(directory))).layout
         assert layout == ("fused" if case == "fused" else "per_expert")
         specs = hf_tensor_specs("qwen3_moe", qwen3_moe.architecture(hfc.load_config(directory)), torch.float32, layout)
         assert specs == {n: (source.shape(n), source.dtype(n)) for n in source.keys()}, case

@@ -1,12 +1,15 @@
 """Rules turn full HF tensors into each TP rank's local shard (as Megatron shards them) and back, exactly,
 reading and writing only regions of the HF tensors."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from bridges.rules import ops
-from bridges.rules import groups, rule as rules
 from bridges.architecture import padded_vocab_size
+from bridges.checkpoint.sources import DictSource
+from bridges.rules import groups, ops, rule as rules
+from bridges.rules.expert_layouts import ExpertLayout, detect_expert_layout
 from bridges.rules.sharding import ROW, ShardingError, vocab_parallel
 
 gen = torch.Generator().manual_seed(1)
@@ -134,18 +137,20 @@ def test_rule_groups_name_a_layer_as_transformers_and_megatron_do():
 
     x = "l.mlp.experts."
     per = rules.RuleSet(groups.routed_experts("x.", x, experts=3, ffn=6, hidden=8))
-    fused = rules.RuleSet(groups.routed_experts("x.", x, experts=3, ffn=6, hidden=8, layout=groups.FUSED))
+    fused = rules.RuleSet(groups.routed_experts("x.", x, experts=3, ffn=6, hidden=8, layout=ExpertLayout.FUSED))
     hf = {name: torch.randn(shape, generator=gen) for name, (shape, _, _) in per.hf_tensors().items()}
     gate_up = [torch.cat([hf[f"{x}{e}.gate_proj.weight"], hf[f"{x}{e}.up_proj.weight"]]) for e in range(3)]
     hf[x + "gate_up_proj"] = torch.stack(gate_up)
     hf[x + "down_proj"] = torch.stack([hf[f"{x}{e}.down_proj.weight"] for e in range(3)])
     assert set(fused.hf_tensors()) == {x + "gate_up_proj", x + "down_proj"}
-    assert groups.detect_expert_layout(fused.hf_tensors()) == groups.FUSED
-    assert groups.detect_expert_layout(per.hf_tensors()) == groups.PER_EXPERT
+    arch = SimpleNamespace(transformer={"hidden_size": 8, "moe_ffn_hidden_size": 6})
+    for table, layout in ((fused, ExpertLayout.FUSED), (per, ExpertLayout.PER_EXPERT)):
+        source = DictSource({name: hf[name] for name in table.hf_tensors()})
+        assert detect_expert_layout(source, arch, {}, tuple(ExpertLayout)).layout == layout
     for rule in per.rules:
         other = fused.rule_for(rule.megatron)
         for rank in range(2):
             parts = [[hf[s.hf_name][s.region] for s in r.specs(rank, 2, torch.float32)] for r in (rule, other)]
             assert torch.equal(rule.to_megatron(parts[0], rank, 2), other.to_megatron(parts[1], rank, 2))
-    with pytest.raises(ValueError, match="expert layout"):
+    with pytest.raises(ValueError, match="is not a valid ExpertLayout"):
         groups.routed_experts("x.", x, 3, 5, 8, layout="stacked")

@@ -41,7 +41,7 @@ def real_ranks(cases):
         parallel.initialize(layout)
         model = build.build_gpt_model(arch, layout)  # uneven stages: the layout's first/last_stage_layers
         params = sorted((p.name, p.exported, tuple(p.tensor.shape)) for p in local_params([model]))
-        specs = {e: sorted(map(_key, export_specs([model], glm45, arch, None, e))) for e in EXPERT_LAYOUTS}
+        specs = {e: sorted(map(_key, export_specs([model], glm45.FAMILY, arch, None, e))) for e in EXPERT_LAYOUTS}
         out.append((dist.get_rank(), ps.get_pipeline_model_parallel_rank(), Ranks.current(), params, specs))
     return out
 
@@ -52,7 +52,7 @@ def _assert_same_as_planned(world, cases, results):
 
     for i, (layout, tied, stages) in enumerate(cases):
         arch = glm45.architecture(_config(tied))
-        planners = {e: LayoutPlanner(glm45, arch, layout, world, e) for e in EXPERT_LAYOUTS}
+        planners = {e: LayoutPlanner(glm45.FAMILY, arch, layout, world, e) for e in EXPERT_LAYOUTS}
         for rank_results in results:
             rank, pp_rank, ranks, params, specs = rank_results[i]
             vrank = planners["per_expert"].ranks[rank]

@@ -4,12 +4,14 @@ against transformers."""
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import pytest
 import torch
 
 from bridges.checkpoint.hf_config import HFConfigError
 from bridges.models import glm45v, qwen3_vl_moe
-from bridges.models.qwen3_vl_moe import FUSED, IN_OUT
+from bridges.rules.expert_layouts import ExpertLayout, LayoutFound
 from bridges.checkpoint.sources import DictSource
 from tests.bridges import vlm_tiny
 
@@ -32,12 +34,15 @@ def _experts(hidden, ffn, gate_up_orientation, down_orientation):
     return DictSource(tensors)
 
 
+IN_OUT, FUSED = ExpertLayout.FUSED_IN_OUT, ExpertLayout.FUSED
+
+
 @pytest.mark.parametrize("orientation, expected", [("in_out", IN_OUT), ("out_in", FUSED)])
 def test_orientation_from_shapes_whatever_the_version(orientation, expected):
     arch = _arch(hidden_size=48, moe_intermediate_size=16)
     for version in ("4.57.0", "5.24.0", None):
         config = {"transformers_version": version} if version else {}
-        assert qwen3_vl_moe.expert_layout_of(_experts(48, 16, orientation, orientation), arch, config) == (expected, [])
+        assert qwen3_vl_moe.FAMILY.detect(_experts(48, 16, orientation, orientation), arch, config) == LayoutFound(expected)
 
 
 @pytest.mark.parametrize("hidden, ffn, square", [(32, 16, "gate_up_proj"), (16, 16, "down_proj")])
@@ -48,7 +53,7 @@ def test_square_experts_follow_transformers_version_and_say_so(hidden, ffn, squa
                                                                caplog):
     arch = _arch(hidden_size=hidden, moe_intermediate_size=ffn)
     config = {"transformers_version": version} if version else None
-    layout, notes = qwen3_vl_moe.expert_layout_of(_experts(hidden, ffn, orientation, orientation), arch, config)
+    layout, notes = astuple(qwen3_vl_moe.FAMILY.detect(_experts(hidden, ffn, orientation, orientation), arch, config))
     assert layout == expected
     assert len(notes) == 1 and square in notes[0] and "cannot tell" in notes[0] and (version or "(none)") in notes[0]
     assert notes[0] in caplog.text  # a log line
@@ -57,12 +62,12 @@ def test_square_experts_follow_transformers_version_and_say_so(hidden, ffn, squa
 def test_orientation_contradictions_are_refused():
     arch = _arch(hidden_size=32, moe_intermediate_size=16)  # H == 2I: gate_up_proj is square
     with pytest.raises(ValueError, match="disagree"):  # down_proj says released, the version says transformers 5
-        qwen3_vl_moe.expert_layout_of(_experts(32, 16, "in_out", "in_out"), arch, {"transformers_version": "5.1.0"})
+        qwen3_vl_moe.FAMILY.detect(_experts(32, 16, "in_out", "in_out"), arch, {"transformers_version": "5.1.0"})
     arch = _arch(hidden_size=48, moe_intermediate_size=16)
     with pytest.raises(ValueError, match="disagree"):
-        qwen3_vl_moe.expert_layout_of(_experts(48, 16, "in_out", "out_in"), arch, {})
+        qwen3_vl_moe.FAMILY.detect(_experts(48, 16, "in_out", "out_in"), arch, {})
     with pytest.raises(ValueError, match="neither"):
-        qwen3_vl_moe.expert_layout_of(_experts(40, 16, "in_out", "in_out"), arch, {})
+        qwen3_vl_moe.FAMILY.detect(_experts(40, 16, "in_out", "in_out"), arch, {})
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl_moe", "glm4v_moe"])

@@ -27,11 +27,11 @@ def _fit(hf_config, dirpath, tp=1, ep=2, steps=6, every=3, lr=3e-3, import_path=
     from callbacks.hf_export import HFExportCallback
     from callbacks.hf_import import HFImportCallback
     from recipes.data import TokenDataModule
-    from recipes.module import MegatronGPTModule
     from recipes.strategy import MegatronStrategy
+    from recipes.vlm_module import module_class_for
 
-    module = MegatronGPTModule(hf_config, mtp_enabled=mtp, micro_batch_size=2, params_dtype=precision,
-                               optim={"lr": lr, "min_lr": lr, "warmup_steps": 0})
+    module = module_class_for(hf_config)(hf_config, mtp_enabled=mtp, micro_batch_size=2, params_dtype=precision,
+                                         optim={"lr": lr, "min_lr": lr, "warmup_steps": 0})
     data = TokenDataModule(kind="synthetic", seq_length=16, micro_batch_size=2, global_batch_size=4, num_samples=64)
     data.vocab_size = module.arch.vocab_size
     logits, first_steps = {}, []
@@ -104,6 +104,9 @@ def _world2(tmp, source):
                           export_kwargs={"dtype": "bf16"})
     out["passthrough"] = _fit(source, f"{tmp}/passthrough", steps=1, every=0, lr=0.0, import_path=source, mtp=False,
                               export_kwargs={"mtp_passthrough": True, "mode": "gather"})
+    glm45v = f"{tmp}/glm45v_source"
+    _fit(glm45v, f"{tmp}/glm45v", steps=1, every=0, lr=0.0, import_path=glm45v, mtp=False,
+         export_kwargs={"mtp_passthrough": True})
     # bf16 parameters, fp32 masters: the import must reach the masters or the first step restores random weights.
     out["bf16"] = _fit(_bf16_copy(source, f"{tmp}/bf16_source"), f"{tmp}/bf16", steps=2, every=0, lr=1e-12,
                        import_path=f"{tmp}/bf16_source", precision="bf16-mixed", export_kwargs={"async_write": False})
@@ -145,18 +148,18 @@ def _one_rank_cannot_open(source, tmp):
     from bridges.checkpoint.files import CheckpointFileError
     from callbacks import hf_import
 
-    original = hf_import.companion_files
+    original = hf_import.open_checkpoint
 
-    def failing(directory):
+    def failing(directory, family):
         if dist.get_rank() == 1:
             raise CheckpointFileError(f"{directory}/tokenizer.json: injected on rank 1")
-        return original(directory)
+        return original(directory, family)
 
-    hf_import.companion_files = failing
+    hf_import.open_checkpoint = failing
     try:
         return _refusal(source, f"{tmp}/one_rank_out", steps=2, every=0, import_path=source)
     finally:
-        hf_import.companion_files = original
+        hf_import.open_checkpoint = original
 
 
 def _bf16_copy(source, directory):
@@ -249,6 +252,7 @@ def _variants(tmp, source):
 def world2(source, tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("world2"))
     _variants(tmp, source)
+    _glm45v_with_mtp(f"{tmp}/glm45v_source")
     results = run_distributed(2, _world2, tmp, source, timeout=900)
     return tmp, results
 
@@ -379,6 +383,40 @@ def test_mtp_passthrough_copies_source_mtp_tensors_in_gather_mode(world2, source
     assert set(exported) == set(original)
     differ = [n for n in original if not torch.equal(original[n], exported[n])]
     assert all(n.endswith("e_score_correction_bias") for n in differ), differ
+
+
+def _glm45v_with_mtp(directory):
+    """A tiny GLM-4.5V checkpoint with one MTP layer after its 4 language-model layers, as released ones have it
+    (`model.language_model.layers.4.*`, `text_config.num_nextn_predict_layers: 1`); transformers builds none."""
+    from safetensors.torch import save_file
+
+    from tests.bridges import vlm_tiny
+
+    vlm_tiny.make_checkpoint(directory, "glm4v_moe", "per_expert", seed=4)
+    tensors = load_file(f"{directory}/model.safetensors")
+    last, mtp = "model.language_model.layers.3.", "model.language_model.layers.4."
+    tensors.update({mtp + n[len(last):]: t + 0.5 for n, t in tensors.items() if n.startswith(last)})
+    hidden = tensors[last + "input_layernorm.weight"].shape[0]
+    gen = torch.Generator().manual_seed(5)
+    for name, shape in (("enorm", (hidden,)), ("hnorm", (hidden,)), ("eh_proj", (hidden, 2 * hidden)),
+                        ("shared_head.norm", (hidden,))):
+        tensors[f"{mtp}{name}.weight"] = torch.randn(shape, generator=gen)
+    save_file(tensors, f"{directory}/model.safetensors", metadata={"format": "pt"})
+    config = json.load(open(f"{directory}/config.json"))
+    config["text_config"]["num_nextn_predict_layers"] = 1
+    json.dump(config, open(f"{directory}/config.json", "w"))
+
+
+def test_mtp_passthrough_keeps_the_mtp_tensors_of_a_glm45v_source(world2):
+    """GLM-4.5V keeps its MTP layers under the language model's prefix (`model.language_model.layers.4.*`): they
+    travel through unchanged, and the exported config keeps their count."""
+    tmp, _ = world2
+    export, source = f"{tmp}/glm45v/step_1", f"{tmp}/glm45v_source"
+    assert json.load(open(f"{export}/config.json"))["text_config"]["num_nextn_predict_layers"] == 1
+    original, exported = load_file(f"{source}/model.safetensors"), load_file(f"{export}/model.safetensors")
+    mtp = [n for n in original if n.startswith("model.language_model.layers.4.")]
+    assert mtp and set(exported) == set(original)
+    assert all(torch.equal(exported[n], original[n]) for n in mtp)
 
 
 def test_rank_failing_mid_export_is_agreed_and_leaves_previous_export_intact(world2):
