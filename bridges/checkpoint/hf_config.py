@@ -128,6 +128,19 @@ def decoder_preamble(config: dict[str, Any], model_type: str, rms_norm_eps: floa
     return transformer, rope
 
 
+def softmax_router(topk: int, renormalised: bool, aux_loss_coeff: float) -> dict[str, Any]:
+    """Megatron router fields of an HF softmax top-k router: `renormalised` (the top-k probabilities divided by their
+    sum, as Mixtral and Qwen3 with norm_topk_prob do) is Megatron's softmax over the top-k logits; otherwise the
+    plain top-k of the full softmax (pre-softmax). An auxiliary load-balancing loss when its coefficient is set."""
+    return dict(
+        moe_router_topk=topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not renormalised,
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
+        moe_aux_loss_coeff=aux_loss_coeff,
+    )
+
+
 def decoder_config(arch, source: dict[str, Any] | None, dtype: torch.dtype | None = None,
                    dropped: frozenset[str] = frozenset()) -> dict[str, Any]:
     """What every decoder family's exported config starts from: the import source's fields (those Megatron does not

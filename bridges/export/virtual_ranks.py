@@ -76,7 +76,8 @@ class LayoutPlanner:
 
     def __init__(
         self, family, arch: GPTArchitecture, layout: ParallelLayout, world_size: int,
-        expert_layout: ExpertLayout | None = None, first_stage_layers: int | None = None, last_stage_layers: int | None = None,
+        expert_layout: ExpertLayout | None = None, first_stage_layers: int | None = None,
+        last_stage_layers: int | None = None,
     ):
         if first_stage_layers is not None or last_stage_layers is not None:  # else the layout's own split
             layout = replace(layout, first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)

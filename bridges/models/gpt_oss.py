@@ -85,11 +85,8 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
         init_method_std=float(get("initializer_range")),
         num_moe_experts=int(req("num_local_experts")),
         moe_ffn_hidden_size=ffn,
-        moe_router_topk=int(req("num_experts_per_tok")),
-        moe_router_score_function="softmax",
-        moe_router_pre_softmax=False,  # softmax over the top-k logits
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=float(get("router_aux_loss_coef")),
+        **hfc.softmax_router(int(req("num_experts_per_tok")), renormalised=True,
+                             aux_loss_coeff=float(get("router_aux_loss_coef"))),
     )
     rope = _rope(config)
     return GPTArchitecture(

@@ -107,11 +107,7 @@ def text_architecture(text: dict[str, Any], tied: bool, mrope: bool, extra: dict
         moe_shared_expert_intermediate_size=int(req("shared_expert_intermediate_size")),
         moe_shared_expert_gate=True,
         moe_layer_freq=[1] * layers,
-        moe_router_topk=int(req("num_experts_per_tok")),
-        moe_router_score_function="softmax",
-        moe_router_pre_softmax=False,  # softmax over the top-k logits == transformers' renormalised top-k
-        moe_router_load_balancing_type="aux_loss" if aux else "none",
-        moe_aux_loss_coeff=aux,
+        **hfc.softmax_router(int(req("num_experts_per_tok")), renormalised=True, aux_loss_coeff=aux),
     )
     return GPTArchitecture(
         transformer=transformer,

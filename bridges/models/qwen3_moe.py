@@ -65,13 +65,7 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
         num_moe_experts=experts,
         moe_ffn_hidden_size=int(req("moe_intermediate_size")),
         moe_layer_freq=pattern,
-        moe_router_topk=topk,
-        moe_router_score_function="softmax",
-        # softmax over the top-k logits == HF's renormalised top-k of the full softmax;
-        # pre-softmax top-k == HF's plain top-k probabilities.
-        moe_router_pre_softmax=not normalise,
-        moe_router_load_balancing_type="aux_loss" if aux else "none",
-        moe_aux_loss_coeff=aux,
+        **hfc.softmax_router(topk, renormalised=normalise, aux_loss_coeff=aux),
     )
     return GPTArchitecture(
         transformer=transformer,

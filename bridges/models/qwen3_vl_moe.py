@@ -53,11 +53,7 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
         num_moe_experts=experts,
         moe_ffn_hidden_size=int(hfc.require(text, "moe_intermediate_size")),
         moe_layer_freq=pattern,
-        moe_router_topk=int(hfc.require(text, "num_experts_per_tok")),
-        moe_router_score_function="softmax",
-        moe_router_pre_softmax=False,  # softmax over the top-k logits == transformers' renormalised top-k
-        moe_router_load_balancing_type="aux_loss" if aux else "none",
-        moe_aux_loss_coeff=aux,
+        **hfc.softmax_router(int(hfc.require(text, "num_experts_per_tok")), renormalised=True, aux_loss_coeff=aux),
     )
     tower = VisionTower(
         "Qwen3VLMoeVisionModel", "Qwen3VLMoeVisionConfig", vision,
@@ -110,7 +106,8 @@ _TEXT_LEGACY_KEYS = hfc.LEGACY_KEYS | {"num_local_experts"}
 
 def rules(arch: GPTArchitecture, expert_layout: ExpertLayout = ExpertLayout.FUSED_IN_OUT) -> RuleSet:
     """The complete rule table (language model, vision tower) of a Qwen3-VL-MoE model built as `arch`.
-    `expert_layout`: [E, in, out] (released checkpoints, the default) or [E, out, in] (transformers 5 save_pretrained)."""
+    `expert_layout`: [E, in, out] (released checkpoints, the default) or [E, out, in] (transformers 5
+    save_pretrained)."""
     table, ignored = qwen3_moe.language_model_rules(arch, TEXT, expert_layout)
     table += arch.extra["vision"].rules(VISUAL)
     return RuleSet(table, ignored_hf=ignored)

@@ -64,7 +64,8 @@ def detect_expert_layout(source, arch, config: dict | None, layouts: tuple[Exper
                 + ("[E, out, in] (save_pretrained)" if by_version == ExpertLayout.FUSED else
                    "[E, in, out] (released checkpoints)"))
     if len(set(verdicts.values())) > 1:
-        raise ValueError(f"expert tensors disagree on their orientation: {verdicts}" + (f" ({notes[0]})" if notes else ""))
+        said = f" ({notes[0]})" if notes else ""
+        raise ValueError(f"expert tensors disagree on their orientation: {verdicts}{said}")
     return LayoutFound(next(iter(verdicts.values())), tuple(notes))
 
 

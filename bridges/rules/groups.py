@@ -108,7 +108,8 @@ def layer_norms(m: str, h: str, hidden: int, names: tuple[str, str] = ("input_la
 
 def attention(
     m: str, h: str, hidden: int, heads: int, groups: int, head_dim: int, bias: bool = False, qk_norm: bool = False,
-    proj: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj"), norms: tuple[str, str] = ("q_norm", "k_norm"),
+    proj: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    norms: tuple[str, str] = ("q_norm", "k_norm"),
 ) -> list[Rule]:
     """Self-attention: HF `proj` (q, k, v, o; + q/k/v biases, + per-head QK `norms`) under `h` <->
     Megatron `linear_qkv`, `linear_proj` (+ `linear_qkv.bias`, `{q,k}_layernorm`) under `m`."""

@@ -16,12 +16,41 @@ from tests.launcher import run_distributed
 LOGITS_ATOL = 1e-5
 
 
+def check_softmax_router(router, transformer: dict, hidden: torch.Tensor) -> None:
+    """transformers' softmax top-k `router` module on `hidden` against Megatron's top-k routing configured by the
+    `transformer` fields a family translated: the same experts, the same weights."""
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    logits, weights, experts = router(hidden)
+    probs, chosen = topk_routing_with_score_function(
+        logits.detach(), transformer["moe_router_topk"], use_pre_softmax=transformer["moe_router_pre_softmax"],
+        score_function="softmax",
+    )
+    expected = torch.zeros_like(probs).scatter(1, experts, weights.detach())
+    assert torch.equal(chosen, expected > 0)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
+
+
 def reference(directory: str, ids: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
     """(directory, token ids, transformers logits) of a checkpoint: what `check_round_trips` takes per case."""
     from transformers import AutoModelForCausalLM
 
     with torch.no_grad():
         return directory, ids, AutoModelForCausalLM.from_pretrained(directory).eval()(ids).logits
+
+
+def layout_and_specs(family, directory: str):
+    """The expert layout `family` finds in the checkpoint at `directory`, once the export's tensor specs in that layout
+    (computed from the config alone) were found to be exactly the checkpoint's names, shapes and dtypes."""
+    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
+    from bridges.export.specs import hf_tensor_specs
+
+    source = SafetensorsCheckpoint(directory)
+    arch = family.architecture(hfc.load_config(directory))
+    layout = family.detect(source, arch).layout
+    specs = hf_tensor_specs(family, arch, torch.float32, layout)
+    assert specs == {n: (source.shape(n), source.dtype(n)) for n in source.keys()}, directory
+    return layout
 
 
 def export_round_trips(family, checkpoints, runs, out_root):

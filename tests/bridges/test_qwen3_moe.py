@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from bridges.checkpoint import hf_config as hfc
 from bridges.models import qwen3_moe
-from tests.bridges.family_checks import check_round_trips, reference
+from tests.bridges.family_checks import check_round_trips, check_softmax_router, layout_and_specs, reference
 from tests.bridges.qwen3_moe_tiny import MAIN, VARIANT, make_checkpoint
 
 # Qwen3-30B-A3B as its hub config.json spells it, transformers 4 era.
@@ -112,7 +112,6 @@ def test_hf_config_round_trips(config):
 
 def test_router_weights_match_transformers():
     """norm_topk_prob=true <-> softmax over the top-k logits; false <-> top-k of the full softmax."""
-    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
@@ -122,15 +121,9 @@ def test_router_weights_match_transformers():
             continue
         router = Qwen3MoeTopKRouter(Qwen3MoeConfig(**dict(MAIN, num_experts_per_tok=topk, norm_topk_prob=norm)))
         torch.nn.init.normal_(router.weight, generator=torch.Generator().manual_seed(topk))
-        logits, weights, experts = router(hidden)
         t = qwen3_moe.architecture(dict(MAIN, model_type="qwen3_moe", num_experts_per_tok=topk,
                                         norm_topk_prob=norm)).transformer
-        probs, chosen = topk_routing_with_score_function(
-            logits.detach(), topk, use_pre_softmax=t["moe_router_pre_softmax"], score_function="softmax"
-        )
-        expected = torch.zeros_like(probs).scatter(1, experts, weights.detach())
-        assert torch.equal(chosen, expected > 0)
-        torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
+        check_softmax_router(router, t, hidden)
 
 
 @pytest.mark.parametrize(
@@ -194,17 +187,10 @@ def test_world_2_ep1_ep2_pp2(checkpoints, tmp_path):
 def test_world_4_tp_x_ep(checkpoints, tmp_path):
     from bridges.megatron.layout import ParallelLayout
 
-    check_round_trips(qwen3_moe.FAMILY, checkpoints, [(ParallelLayout(tp=2, ep=2), case) for case in ("main", "variant")],
-                      4, tmp_path)
+    runs = [(ParallelLayout(tp=2, ep=2), case) for case in ("main", "variant")]
+    check_round_trips(qwen3_moe.FAMILY, checkpoints, runs, 4, tmp_path)
 
 
 def test_hf_tensor_specs_describe_the_checkpoints(checkpoints):
-    from bridges.export.specs import hf_tensor_specs
-    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
-
     for case, (directory, _, _) in checkpoints.items():
-        source = SafetensorsCheckpoint(directory)
-        layout = qwen3_moe.FAMILY.detect(source, qwen3_moe.architecture(hfc.load_config(directory))).layout
-        assert layout == ("fused" if case == "fused" else "per_expert")
-        specs = hf_tensor_specs("qwen3_moe", qwen3_moe.architecture(hfc.load_config(directory)), torch.float32, layout)
-        assert specs == {n: (source.shape(n), source.dtype(n)) for n in source.keys()}, case
+        assert layout_and_specs(qwen3_moe.FAMILY, directory) == ("fused" if case == "fused" else "per_expert"), case

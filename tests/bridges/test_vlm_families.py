@@ -42,7 +42,8 @@ def test_orientation_from_shapes_whatever_the_version(orientation, expected):
     arch = _arch(hidden_size=48, moe_intermediate_size=16)
     for version in ("4.57.0", "5.24.0", None):
         config = {"transformers_version": version} if version else {}
-        assert qwen3_vl_moe.FAMILY.detect(_experts(48, 16, orientation, orientation), arch, config) == LayoutFound(expected)
+        found = qwen3_vl_moe.FAMILY.detect(_experts(48, 16, orientation, orientation), arch, config)
+        assert found == LayoutFound(expected)
 
 
 @pytest.mark.parametrize("hidden, ffn, square", [(32, 16, "gate_up_proj"), (16, 16, "down_proj")])
