@@ -1,4 +1,5 @@
-"""Build a Megatron-Core GPT model (MoE, MTP) for this rank from an architecture and a parallel layout.
+"""Build a Megatron-Core GPT model (MoE, MTP, multi-latent attention) for this rank from an architecture and a
+parallel layout.
 
 Used by training (recipes/) and by offline conversion checks (bridges.verify). The run's device was
 decided when the parallel state was initialised (`cpu_runtime.active()`); nothing here probes CUDA. Knows nothing of
@@ -56,11 +57,36 @@ def transformer_config(
         kwargs.update(arch.mrope.megatron_fields())
     kwargs.update(overrides or {})
     kwargs = cpu_runtime.adapt_config(kwargs)
+    if kwargs.get("multi_latent_attention"):
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        return MLATransformerConfig(**{**kwargs, **_mla_rotary_fields(arch)})
     if arch.yarn is not None:
         from bridges.megatron.yarn_config import YarnTransformerConfig
 
         return YarnTransformerConfig(**kwargs, **arch.yarn.megatron_fields())
     return TransformerConfig(**kwargs)
+
+
+def _mla_rotary_fields(arch: GPTArchitecture) -> dict[str, Any]:
+    """Multi-latent attention applies its rotary embedding itself, configured by these MLATransformerConfig
+    fields (the GPT model's own rotary embedding is not built)."""
+    fields = dict(rotary_base=arch.rotary_base, rotary_percent=arch.rotary_percent, rope_type="rope")
+    y = arch.yarn
+    if y is not None:
+        both = bool(y.mscale and y.mscale_all_dim)
+        fields.update(
+            rope_type="yarn",
+            rotary_scaling_factor=y.factor,
+            original_max_position_embeddings=y.original_max_position_embeddings,
+            beta_fast=y.beta_fast,
+            beta_slow=y.beta_slow,
+            # attention factor mscale(f, mscale) / mscale(f, all_dim) when both are set, else mscale(f, 1);
+            # the softmax scale takes mscale(f, all_dim)^2 (1 when unset)
+            mscale=y.mscale if both else 1.0,
+            mscale_all_dim=y.mscale_all_dim or 0.0,
+        )
+    return fields
 
 
 def build_gpt_model(
@@ -91,6 +117,8 @@ def build_gpt_model(
         block_spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=use_te, normalization=config.normalization
         )
+    if config.multi_latent_attention and not use_te:
+        no_te.local_mla_core_attention(block_spec)
     mtp_spec = None
     if arch.mtp_num_layers:
         mtp_spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_te)
@@ -102,7 +130,9 @@ def build_gpt_model(
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="mrope" if arch.mrope else "yarn" if arch.yarn else "rope",
+        # multi-latent attention applies its own rotary embedding ("rope": the GPT model builds none for it)
+        position_embedding_type="mrope" if arch.mrope else "yarn" if arch.yarn and not config.multi_latent_attention
+        else "rope",
         rotary_percent=arch.rotary_percent,
         rotary_base=int(arch.rotary_base) if float(arch.rotary_base).is_integer() else arch.rotary_base,
         mtp_block_spec=mtp_spec,

@@ -3,6 +3,7 @@
 Keyed on Megatron-Core's own `HAVE_TE`, never on the device (CPU-only steps live in cpu_runtime.py):
 - without TE, `moe_utils` names TE's GEMM in the router without importing it: defined as None, so the
   router takes its torch path;
+- multi-latent attention learns that TE is absent, and its core attention takes its head sizes;
 - the torch norm of the local spec accepts sequence parallelism (MoE with TP > 1) and marks its weights
   `sequence_parallel`, so their gradients are summed over the TP group (TE's norms do this themselves), and
   builds an RMSNorm scaling by (1 + weight) for `layernorm_zero_centered_gamma` (Qwen3.5).
@@ -36,6 +37,7 @@ def enable() -> None:
         return
     if not have_te():
         _define_missing_te_gemm()
+        _multi_latent_attention_without_te()
     _torch_norm_for_sequence_parallel()
     _ENABLED = True
 
@@ -45,6 +47,14 @@ def _define_missing_te_gemm() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _multi_latent_attention_without_te() -> None:
+    # Its own TE import succeeds on the placeholders Megatron-Core defines without TE, so it believes TE is
+    # there and calls isinstance() on a placeholder.
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
 
 
 def _torch_norm_for_sequence_parallel() -> None:
@@ -81,3 +91,28 @@ class ZeroCenteredRMSNorm(torch.nn.Module):
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         # contiguous like torch.nn.RMSNorm's output, whatever the input's strides (the MoE router views it)
         return (y * (1.0 + self.weight.float())).type_as(x).contiguous()
+
+
+def local_mla_core_attention(block_spec) -> None:
+    """Multi-latent attention on the local layer spec: Megatron-Core 0.16's MLA hands its core attention the
+    query/key and value head sizes (`k_channels`, `v_channels`), which only TE's attention accepts; give the
+    layers of `block_spec` a DotProductAttention that takes them (its maths is per head, any head size)."""
+    for spec in block_spec.layer_specs:
+        attention = spec.submodules.self_attention.submodules
+        if hasattr(attention, "linear_kv_down_proj"):
+            attention.core_attention = _mla_dot_product_attention()
+
+
+def _mla_dot_product_attention():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MLADotProductAttention(DotProductAttention):
+        """DotProductAttention whose output has `v_channels` per head (`k_channels`: the query/key size, read
+        from the inputs). Megatron's Attention base builds it once without them (MLA then builds its own)."""
+
+        def __init__(self, *args, k_channels: int | None = None, v_channels: int | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if v_channels is not None:
+                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    return MLADotProductAttention

@@ -22,6 +22,12 @@ def test_missing_transformer_engine_gemm_name_is_defined():
     assert moe_utils.te_general_gemm is None
 
 
+def test_multi_latent_attention_knows_transformer_engine_is_absent():
+    from megatron.core.transformer import multi_latent_attention
+
+    assert multi_latent_attention.HAVE_TE is False  # else it calls isinstance() on a TE placeholder
+
+
 def test_torch_norm_accepts_sequence_parallel_and_marks_weights():
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
