@@ -6,16 +6,9 @@ grouped top-k (4 groups, top-2 groups, 4 experts), two shared experts, tied embe
 
 from __future__ import annotations
 
-import json
-import os
-
-import torch
-from safetensors.torch import load_file, save_file
-
-from tests.bridges.glm45_tiny import _randomise, fuse_experts  # noqa: F401 - fuse_experts: for the tests
+from tests.bridges.glm45_tiny import MTP, fuse_experts, save_with_mtp  # noqa: F401 - fuse_experts: for the tests
 
 LAYERS = 3  # 1 dense + 2 MoE
-MTP = 1
 
 MAIN = dict(
     vocab_size=101,  # odd: TP2 pads it to 102
@@ -38,7 +31,7 @@ MAIN = dict(
     topk_group=1,
     routed_scaling_factor=2.5,
     max_position_embeddings=64,
-    num_nextn_predict_layers=MTP,
+    num_nextn_predict_layers=MTP,  # one MTP layer, at index LAYERS
 )
 VARIANT = dict(
     MAIN,
@@ -57,29 +50,6 @@ def make_checkpoint(directory: str, fused: bool = False, seed: int = 0, **fields
     """Write the checkpoint of `fields` (MAIN when none) into `directory`; return its config dict."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    fields = fields or MAIN
-    n = fields["num_hidden_layers"]
-    # A model one layer deeper provides a full decoder layer for the MTP block (layer n).
-    deeper = DeepseekV3ForCausalLM(DeepseekV3Config(**{**fields, "num_hidden_layers": n + MTP}))
-    _randomise(deeper, seed)
-    deeper.save_pretrained(directory)
-    tensors = load_file(os.path.join(directory, "model.safetensors"))
-    gen = torch.Generator().manual_seed(seed + 1)
-    hidden = fields["hidden_size"]
-    for i in range(MTP):
-        p = f"model.layers.{n + i}."
-        tensors[p + "enorm.weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=gen)
-        tensors[p + "hnorm.weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=gen)
-        tensors[p + "eh_proj.weight"] = 0.08 * torch.randn(hidden, 2 * hidden, generator=gen)
-        tensors[p + "shared_head.norm.weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=gen)
-        tensors[p + "shared_head.head.weight"] = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]).clone()
-        tensors[p + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
-    if fused:
-        tensors = fuse_experts(tensors, fields["n_routed_experts"])
-    os.remove(os.path.join(directory, "model.safetensors"))
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    config = json.load(open(os.path.join(directory, "config.json")))
-    config["num_hidden_layers"] = n
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return config
+    f = fields or MAIN
+    model = lambda layers: DeepseekV3ForCausalLM(DeepseekV3Config(**{**f, "num_hidden_layers": layers}))  # noqa: E731
+    return save_with_mtp(directory, model, f["num_hidden_layers"], f["hidden_size"], f["n_routed_experts"], fused, seed)

@@ -61,16 +61,23 @@ def make_checkpoint(directory: str, fused: bool = False, seed: int = 0, **overri
     from transformers import Glm4MoeForCausalLM
 
     config = tiny_config(**overrides)
-    n = config.num_hidden_layers
-    # A model one layer deeper provides a full decoder layer for the MTP block (layer n).
-    deeper = Glm4MoeForCausalLM(tiny_config(**{**overrides, "num_hidden_layers": n + MTP}))
+    model = lambda layers: Glm4MoeForCausalLM(tiny_config(**{**overrides, "num_hidden_layers": layers}))  # noqa: E731
+    return save_with_mtp(directory, model, config.num_hidden_layers, config.hidden_size, config.n_routed_experts,
+                         fused, seed)
+
+
+def save_with_mtp(directory: str, model, layers: int, hidden: int, experts: int, fused: bool, seed: int) -> dict:
+    """`save_pretrained` of `model(layers + MTP)` (random weights), its last MTP layers turned into the MTP block
+    the way GLM-4.5 and DeepSeek-V3 checkpoints store it: the decoder layer plus random `enorm`, `hnorm`, `eh_proj`,
+    `shared_head.norm` and copies of the embedding and head; the config says `layers`. Returns the config dict."""
+    # A model MTP layers deeper provides a full decoder layer for each MTP block (layer `layers` + i).
+    deeper = model(layers + MTP)
     _randomise(deeper, seed)
     deeper.save_pretrained(directory)
     tensors = load_file(os.path.join(directory, "model.safetensors"))
     gen = torch.Generator().manual_seed(seed + 1)
-    hidden = config.hidden_size
     for i in range(MTP):
-        p = f"model.layers.{n + i}."
+        p = f"model.layers.{layers + i}."
         tensors[p + "enorm.weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=gen)
         tensors[p + "hnorm.weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=gen)
         tensors[p + "eh_proj.weight"] = 0.08 * torch.randn(hidden, 2 * hidden, generator=gen)
@@ -78,11 +85,11 @@ def make_checkpoint(directory: str, fused: bool = False, seed: int = 0, **overri
         tensors[p + "shared_head.head.weight"] = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]).clone()
         tensors[p + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
     if fused:
-        tensors = fuse_experts(tensors, config.n_routed_experts)
+        tensors = fuse_experts(tensors, experts)
     os.remove(os.path.join(directory, "model.safetensors"))
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     config_dict = json.load(open(os.path.join(directory, "config.json")))
-    config_dict["num_hidden_layers"] = n
+    config_dict["num_hidden_layers"] = layers
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config_dict, f, indent=2)
     return config_dict
