@@ -9,27 +9,25 @@ stored at layer `num_hidden_layers + i` as GLM-4.5 stores them.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
 from bridges.architecture import GPTArchitecture, YarnScaling
 from bridges.checkpoint import hf_config as hfc
-from bridges.rules.groups import (  # noqa: F401 - EXPERT_LAYOUTS, FUSED, detect_expert_layout: the family interface
-    EXPERT_LAYOUTS, FUSED, PER_EXPERT, detect_expert_layout, gated_mlp, routed_experts,
-)
-from bridges.rules.local_params import EMBEDDING, MTP_INNER, OUTPUT
+from bridges.models.family import Family, MTPNaming
+from bridges.rules.expert_layouts import ExpertLayout
+from bridges.rules.groups import embeddings_and_head, gated_mlp, layer_norms, routed_experts, router
+from bridges.rules.local_params import MTP_INNER
 from bridges.rules.rule import Ignore, Rule, RuleSet, same
-from bridges.rules.sharding import COLUMN, ROW, vocab_parallel
+from bridges.rules.sharding import COLUMN, ROW
 
 MODEL_TYPE = "deepseek_v3"
 
 
 def architecture(config: dict[str, Any]) -> GPTArchitecture:
     """Megatron architecture of an HF `deepseek_v3` config (either config style)."""
-    if config.get("model_type") != MODEL_TYPE:
-        raise hfc.HFConfigError(f"expected model_type {MODEL_TYPE!r}, got {config.get('model_type')!r}")
+    hfc.check_model_type(config, MODEL_TYPE)
     _refuse_what_megatron_lacks(config)
     req = lambda key: hfc.require(config, key)  # noqa: E731
     transformer = hfc.decoder_transformer(config, rms_norm_eps=1e-6)
@@ -147,8 +145,7 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
     t = arch.transformer
     first_dense = t["moe_layer_freq"].index(1) if 1 in t["moe_layer_freq"] else t["num_layers"]
     shared = t.get("moe_shared_expert_intermediate_size") or 0
-    out: dict[str, Any] = {k: v for k, v in (source or {}).items() if k not in _LEGACY_KEYS}
-    out.update(hfc.decoder_fields(arch))
+    out = hfc.decoder_config(arch, source, dtype, dropped=frozenset({"qk_head_dim"}))  # qk_head_dim: derived
     rope: dict[str, Any] = {"rope_theta": arch.rotary_base, "rope_type": "default"}
     if arch.yarn is not None:
         y = arch.yarn
@@ -178,39 +175,23 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
         norm_topk_prob=True,
         num_nextn_predict_layers=arch.mtp_num_layers,
     )
-    out.pop("qk_head_dim", None)  # derived by transformers
-    if dtype is not None:
-        out["dtype"] = hfc.dtype_name(dtype)
     return out
-
-
-# transformers 4 spellings replaced by `rope_parameters` / `dtype` on export.
-_LEGACY_KEYS = {"rope_theta", "partial_rotary_factor", "rope_scaling", "torch_dtype"}
 
 
 # ---- weights: HF tensors <-> Megatron parameters -------------------------------------------------
 
 
-def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT, prefix: str = "model.") -> RuleSet:
+def rules(arch: GPTArchitecture, expert_layout: ExpertLayout = ExpertLayout.PER_EXPERT) -> RuleSet:
     """The complete rule table of a DeepSeek-V3 model built as `arch` (global names, every layer)."""
     s = _Shapes(arch)
     n, mtp = arch.num_layers, arch.mtp_num_layers
-    mtp_hf = [f"{prefix}layers.{n + i}." for i in range(mtp)]
+    mtp_hf = [f"model.layers.{n + i}." for i in range(mtp)]
     # Servers read the MTP layer's own embedding and head: copies of the main ones.
-    embed_mirrors = tuple(h + "embed_tokens.weight" for h in mtp_hf)
-    head_mirrors = tuple(h + "shared_head.head.weight" for h in mtp_hf)
-    if arch.tie_word_embeddings:
-        embed_mirrors += head_mirrors
-    table = [
-        same(EMBEDDING, prefix + "embed_tokens.weight", s.vocab, vocab_parallel(arch.vocab_size),
-             mirrors=embed_mirrors),
-        same("decoder.final_layernorm.weight", prefix + "norm.weight", s.norm),
-    ]
-    if not arch.tie_word_embeddings:
-        table.append(same(OUTPUT, "lm_head.weight", s.vocab, vocab_parallel(arch.vocab_size), mirrors=head_mirrors))
+    table, ignored = embeddings_and_head(arch, "model.", embed_mirrors=tuple(h + "embed_tokens.weight" for h in mtp_hf),
+                                         head_mirrors=tuple(h + "shared_head.head.weight" for h in mtp_hf))
     moe_layer = arch.transformer["moe_layer_freq"]
     for layer in range(n):
-        table += _layer(s, f"decoder.layers.{layer}.", f"{prefix}layers.{layer}.", moe_layer[layer], expert_layout)
+        table += _layer(s, f"decoder.layers.{layer}.", f"model.layers.{layer}.", moe_layer[layer], expert_layout)
     for i, h in enumerate(mtp_hf):
         m = f"mtp.layers.{i}."
         table += [
@@ -221,13 +202,9 @@ def rules(arch: GPTArchitecture, expert_layout: str = PER_EXPERT, prefix: str = 
         ]
         # Megatron builds the MTP inner layer like the last decoder layer.
         table += _layer(s, m + MTP_INNER + ".", h, moe_layer[-1], expert_layout)
-    ignored = [
-        Ignore(re.escape(prefix) + r"layers\.(\d+)\..*",
-               "MTP disabled" if not mtp else f"MTP layer not built (model has {mtp})",
-               when=lambda m: int(m[1]) >= n + mtp),
-    ]
-    if arch.tie_word_embeddings:
-        ignored.append(Ignore(r"lm_head\.weight", "tied to " + prefix + "embed_tokens.weight"))
+    ignored.append(Ignore(r"model\.layers\.(\d+)\..*",
+                          "MTP disabled" if not mtp else f"MTP layer not built (model has {mtp})",
+                          when=lambda m: int(m[1]) >= n + mtp))
     return RuleSet(table, ignored_hf=ignored)
 
 
@@ -252,26 +229,20 @@ def multi_latent_attention(m: str, h: str, s: "_Shapes") -> list[Rule]:
     ]
 
 
-def _layer(s: "_Shapes", m: str, h: str, moe: bool, expert_layout: str) -> list[Rule]:
+def _layer(s: "_Shapes", m: str, h: str, moe: bool, expert_layout: ExpertLayout) -> list[Rule]:
     """One decoder layer: Megatron names under prefix `m`, HF names under prefix `h`."""
     t = s.transformer
-    table = [
-        same(m + "input_layernorm.weight",   h + "input_layernorm.weight",          s.norm),
-        same(m + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight", s.norm),
-        *multi_latent_attention(m + "self_attention.", h + "self_attn.", s),
-    ]
+    table = [*layer_norms(m, h, s.hidden), *multi_latent_attention(m + "self_attention.", h + "self_attn.", s)]
     if not moe:
-        return table + gated_mlp(m + "mlp.", h + "mlp.", t["ffn_hidden_size"], t["hidden_size"])
-    table += [
-        # transformers keeps the router in fp32 (_keep_in_fp32_modules_strict) and saves it so
-        same(m + "mlp.router.weight",      h + "mlp.gate.weight",                  s.router, also_accepts=(torch.float32,)),
-        # A buffer in Megatron, kept in fp32 by both sides (hub checkpoints store it as F32).
-        same(m + "mlp.router.expert_bias", h + "mlp.gate.e_score_correction_bias", s.expert_bias, dtype=torch.float32),
-    ]
+        return table + gated_mlp(m + "mlp.", h + "mlp.", t["ffn_hidden_size"], s.hidden)
+    # transformers keeps the router in fp32 (_keep_in_fp32_modules_strict) and saves it so; the expert bias is a
+    # buffer in Megatron, fp32 on both sides (hub checkpoints store it as F32).
+    table += router(m + "mlp.", h + "mlp.gate.", s.experts, s.hidden, expert_bias="e_score_correction_bias",
+                    also_accepts=(torch.float32,))
     if s.shared:
-        table += gated_mlp(m + "mlp.shared_experts.", h + "mlp.shared_experts.", s.shared, t["hidden_size"])
+        table += gated_mlp(m + "mlp.shared_experts.", h + "mlp.shared_experts.", s.shared, s.hidden)
     return table + routed_experts(m + "mlp.experts.", h + "mlp.experts.", s.experts, t["moe_ffn_hidden_size"],
-                                  t["hidden_size"], expert_layout)
+                                  s.hidden, expert_layout)
 
 
 class _Shapes:
@@ -288,7 +259,10 @@ class _Shapes:
         self.o_in = heads * t["v_head_dim"]
         self.experts = t["num_moe_experts"]
         self.shared = t.get("moe_shared_expert_intermediate_size")
-        self.vocab = (arch.vocab_size, hidden)
         self.norm = (hidden,)
         self.eh_proj = (hidden, 2 * hidden)
-        self.router, self.expert_bias = (self.experts, hidden), (self.experts,)
+
+
+FAMILY = Family(MODEL_TYPE, architecture, hf_config, rules,
+                expert_layouts=(ExpertLayout.PER_EXPERT, ExpertLayout.FUSED),
+                mtp=MTPNaming("num_nextn_predict_layers", after_decoder="model."))

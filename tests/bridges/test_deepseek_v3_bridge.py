@@ -2,12 +2,9 @@
 clear refusals of what Megatron cannot express, the grouped sigmoid router against transformers', and on tiny
 random checkpoints written by `save_pretrained` (+ MTP layer): import -> export through the file writer
 reproduces every tensor bit for bit, Megatron logits match transformers (EP1, EP2, TP2, PP2, TP2 x EP2) and
-each export loads with `from_pretrained` (only the MTP layer, which transformers does not build, left over)."""
+each export loads with `from_pretrained` (tests/bridges/family_checks.py)."""
 
 from __future__ import annotations
-
-import json
-import os
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ import torch
 from bridges.checkpoint import hf_config as hfc
 from bridges.models import deepseek_v3
 from tests.bridges.deepseek_v3_tiny import MAIN, VARIANT, fuse_experts, make_checkpoint
-from tests.launcher import run_distributed
+from tests.bridges.family_checks import check_round_trips, layout_and_specs, reference
 
 # DeepSeek-V3's hub config.json (transformers 4 era), less its fp8 quantization_config.
 HUB = {
@@ -32,7 +29,6 @@ HUB = {
     "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": True,
     "v_head_dim": 128, "vocab_size": 129280,
 }
-LOGITS_ATOL = 1e-5
 
 
 # ---- config translation -----------------------------------------------------------------------
@@ -134,15 +130,13 @@ def test_grouped_router_weights_match_transformers():
 def checkpoints(tmp_path_factory):
     """{case: (directory, token ids, transformers logits)}; "fused" holds MAIN's weights with fused experts."""
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("deepseek_v3")
     ids = torch.randint(0, 101, (3, 16), generator=torch.Generator().manual_seed(7))
     out = {}
     for case, fields in (("main", MAIN), ("variant", VARIANT)):
         make_checkpoint(str(root / case), seed=len(out), **fields)
-        with torch.no_grad():
-            out[case] = (str(root / case), ids, AutoModelForCausalLM.from_pretrained(str(root / case))(ids).logits)
+        out[case] = reference(str(root / case), ids)
     fused = root / "fused"
     fused.mkdir()
     (fused / "config.json").write_text((root / "main" / "config.json").read_text())
@@ -150,68 +144,6 @@ def checkpoints(tmp_path_factory):
     save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
     out["fused"] = (str(fused), ids, out["main"][2])
     return out
-
-
-def export_round_trips(checkpoints, runs, out_root):
-    """Every rank: per (parallel layout, case) in `runs` import the checkpoint, write the export with the
-    owner-writes engine into `out_root` (config by rank 0) and compute the Megatron logits; returns the logits."""
-    import torch.distributed as dist
-
-    from bridges.export.specs import export_pieces, hf_tensor_specs
-    from bridges.export.writer import write_checkpoint
-    from bridges.load import import_weights
-    from bridges.megatron import build, parallel
-    from bridges.megatron.forward import main_logits
-    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
-
-    logits = {}
-    for layout, case in runs:
-        directory, ids, _ = checkpoints[case]
-        config = hfc.load_config(directory)
-        arch = deepseek_v3.architecture(config)
-        parallel.initialize(layout)
-        model = build.build_gpt_model(arch, layout)
-        report = import_weights([model], deepseek_v3, arch, SafetensorsCheckpoint(directory), config=config)
-        out = os.path.join(out_root, _name(layout, case))
-        specs = hf_tensor_specs(deepseek_v3, arch, torch.float32, report.expert_layout)
-        write_checkpoint(export_pieces([model], deepseek_v3, arch, None, report.expert_layout), specs, out)
-        if dist.get_rank() == 0:
-            with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump(deepseek_v3.hf_config(arch, config, torch.float32), f)
-        # numpy: torch would share the tensor by a file descriptor that dies with this process
-        logits[_name(layout, case)] = main_logits(model, ids, arch.vocab_size).numpy()
-    return logits
-
-
-def _name(layout, case) -> str:
-    return f"tp{layout.tp}_pp{layout.pp}_ep{layout.ep}_{case}"
-
-
-def _check(checkpoints, runs, world_size, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
-
-    per_rank = run_distributed(world_size, export_round_trips, checkpoints, runs, str(tmp_path))
-    for layout, case in runs:
-        name = _name(layout, case)
-        directory, ids, reference = checkpoints[case]
-        source, exported = SafetensorsCheckpoint(directory), SafetensorsCheckpoint(str(tmp_path / name))
-        assert sorted(exported.keys()) == sorted(source.keys()), name
-        differ = [n for n in source.keys() if not torch.equal(exported.read(n), source.read(n))]
-        assert differ == [], f"{name}: not bit-identical after import -> export: {differ}"
-        for rank, logits in enumerate(r[name] for r in per_rank):
-            diff = (torch.from_numpy(logits) - reference).abs().max().item()
-            assert diff <= LOGITS_ATOL, f"{name} rank {rank}: logits differ from transformers by {diff}"
-        model, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / name), output_loading_info=True)
-        mtp_layer = f"model.layers.{MAIN['num_hidden_layers']}."
-        assert not info["missing_keys"] and all(k.startswith(mtp_layer) for k in info["unexpected_keys"]), (name, info)
-        expected = AutoModelForCausalLM.from_pretrained(directory).state_dict()
-        loaded = model.state_dict()
-        assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected), name
-        with torch.no_grad():
-            diff = (model(ids).logits - reference).abs().max().item()
-        assert diff <= 1e-5 * reference.abs().max().item(), f"{name}: reloaded export's logits differ by {diff}"
 
 
 def test_world_2_ep1_ep2_tp2_pp2(checkpoints, tmp_path):
@@ -222,23 +154,16 @@ def test_world_2_ep1_ep2_tp2_pp2(checkpoints, tmp_path):
             (ParallelLayout(ep=2), "variant"), (ParallelLayout(tp=2), "variant"),
             # 3 layers: uneven stages (1 dense + 2 MoE with the MTP layer)
             (ParallelLayout(pp=2, first_stage_layers=1), "variant")]
-    _check(checkpoints, runs, 2, tmp_path)
+    check_round_trips(deepseek_v3.FAMILY, checkpoints, runs, 2, tmp_path)
 
 
 def test_world_4_tp_x_ep(checkpoints, tmp_path):
     from bridges.megatron.layout import ParallelLayout
 
-    _check(checkpoints, [(ParallelLayout(tp=2, ep=2), case) for case in ("main", "variant")], 4, tmp_path)
+    runs = [(ParallelLayout(tp=2, ep=2), case) for case in ("main", "variant")]
+    check_round_trips(deepseek_v3.FAMILY, checkpoints, runs, 4, tmp_path)
 
 
 def test_hf_tensor_specs_describe_the_checkpoints(checkpoints):
-    from bridges.export.specs import hf_tensor_specs
-    from bridges.checkpoint.safetensors_io import SafetensorsCheckpoint
-
     for case, (directory, _, _) in checkpoints.items():
-        source = SafetensorsCheckpoint(directory)
-        layout = deepseek_v3.detect_expert_layout(source.keys())
-        assert layout == ("fused" if case == "fused" else "per_expert")
-        arch = deepseek_v3.architecture(hfc.load_config(directory))
-        specs = hf_tensor_specs(deepseek_v3, arch, torch.float32, layout)
-        assert specs == {n: (source.shape(n), source.dtype(n)) for n in source.keys()}, case
+        assert layout_and_specs(deepseek_v3.FAMILY, directory) == ("fused" if case == "fused" else "per_expert"), case
