@@ -141,6 +141,57 @@ def softmax_router(topk: int, renormalised: bool, aux_loss_coeff: float) -> dict
     )
 
 
+def sigmoid_moe(config: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Megatron MoE fields of the DeepSeek-V3-style MoE that GLM-4.5 shares: dense first `first_k_dense_replace`
+    layers, `n_routed_experts` + `n_shared_experts` of `moe_intermediate_size`, a sigmoid router with expert bias
+    (updated by load), grouped (`n_group`, `topk_group`), renormalised top-k scaled by `routed_scaling_factor`.
+    Refuses what Megatron's sigmoid router computes otherwise (names the family and the field)."""
+    family = config.get("model_type")
+    topk, topk_group = int(require(config, "num_experts_per_tok")), int(config.get("topk_group") or 1)
+    n_group = int(config.get("n_group") or 1)
+    norm = bool(config.get("norm_topk_prob", True))
+    if norm != (topk > 1):
+        raise HFConfigError(f"{family}: norm_topk_prob={str(norm).lower()} with num_experts_per_tok={topk} is not "
+                            "supported (Megatron's sigmoid router renormalises the top-k scores exactly when k > 1)")
+    if n_group > 1 and topk // topk_group != 2:
+        # HF scores a group by its top-2 experts, Megatron by its top (topk / topk_group).
+        raise HFConfigError(f"{family}: n_group={n_group} needs num_experts_per_tok / topk_group == 2 (Megatron's "
+                            f"group score), got {topk} / {topk_group}")
+    first_dense = int(config.get("first_k_dense_replace", 0))
+    shared, moe_ffn = int(config.get("n_shared_experts") or 0), int(require(config, "moe_intermediate_size"))
+    return dict(
+        num_moe_experts=int(require(config, "n_routed_experts")),
+        moe_ffn_hidden_size=moe_ffn,
+        moe_shared_expert_intermediate_size=shared * moe_ffn if shared else None,
+        moe_layer_freq=[0] * first_dense + [1] * (num_layers - first_dense),
+        moe_router_topk=topk,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=1e-3,
+        moe_router_pre_softmax=False,
+        moe_router_topk_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
+        moe_router_num_groups=n_group if n_group > 1 else None,
+        moe_router_group_topk=topk_group if n_group > 1 else None,
+    )
+
+
+def sigmoid_moe_fields(arch) -> dict[str, Any]:
+    """The HF config fields `sigmoid_moe` reads, for a Megatron `GPTArchitecture`."""
+    t = arch.transformer
+    dense = t["moe_layer_freq"].index(1) if 1 in t["moe_layer_freq"] else t["num_layers"]
+    return dict(
+        moe_intermediate_size=t["moe_ffn_hidden_size"],
+        num_experts_per_tok=t["moe_router_topk"],
+        n_shared_experts=(t.get("moe_shared_expert_intermediate_size") or 0) // t["moe_ffn_hidden_size"],
+        n_routed_experts=t["num_moe_experts"],
+        routed_scaling_factor=t["moe_router_topk_scaling_factor"],
+        n_group=t.get("moe_router_num_groups") or 1,
+        topk_group=t.get("moe_router_group_topk") or 1,
+        first_k_dense_replace=dense,
+        norm_topk_prob=t["moe_router_topk"] > 1,
+    )
+
+
 def decoder_config(arch, source: dict[str, Any] | None, dtype: torch.dtype | None = None,
                    dropped: frozenset[str] = frozenset()) -> dict[str, Any]:
     """What every decoder family's exported config starts from: the import source's fields (those Megatron does not

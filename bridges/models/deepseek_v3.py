@@ -34,19 +34,6 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
     heads = transformer["num_attention_heads"]
     nope, rope_dim = int(req("qk_nope_head_dim")), int(req("qk_rope_head_dim"))
     q_lora = config.get("q_lora_rank")
-    num_layers = transformer["num_layers"]
-    num_experts = int(req("n_routed_experts"))
-    first_dense = int(config.get("first_k_dense_replace", 0))
-    shared = int(config.get("n_shared_experts") or 0)
-    moe_ffn = int(req("moe_intermediate_size"))
-    n_group = int(config.get("n_group") or 1)
-    topk, topk_group = int(req("num_experts_per_tok")), int(config.get("topk_group") or 1)
-    if n_group > 1 and topk // topk_group != 2:
-        # HF scores a group by its top-2 experts, Megatron by its top (topk / topk_group).
-        raise hfc.HFConfigError(
-            f"deepseek_v3: n_group={n_group} needs num_experts_per_tok / topk_group == 2 (Megatron's group "
-            f"score), got {topk} / {topk_group}"
-        )
     transformer.update(
         # Every head reads the whole latent key/value (num_key_value_heads does not apply to MLA).
         num_query_groups=heads,
@@ -59,21 +46,10 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
         v_head_dim=int(req("v_head_dim")),
         # The query and key/value latents' RMSNorms (built by the layer spec only with this switch).
         qk_layernorm=True,
-        num_moe_experts=num_experts,
-        moe_ffn_hidden_size=moe_ffn,
-        moe_shared_expert_intermediate_size=shared * moe_ffn if shared else None,
-        moe_layer_freq=[0] * first_dense + [1] * (num_layers - first_dense),
-        moe_router_topk=topk,
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_pre_softmax=False,
-        moe_router_topk_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
-        moe_router_num_groups=n_group if n_group > 1 else None,
-        moe_router_group_topk=topk_group if n_group > 1 else None,
+        **hfc.sigmoid_moe(config, transformer["num_layers"]),
         # DeepSeek-V3 balances experts by the bias update, plus a small sequence-wise auxiliary loss.
         moe_router_load_balancing_type="seq_aux_loss",
         moe_aux_loss_coeff=1e-4,
-        moe_router_bias_update_rate=1e-3,
     )
     rope = hfc.rope_parameters(config)
     return GPTArchitecture(
@@ -105,8 +81,6 @@ def _refuse_what_megatron_lacks(config: dict[str, Any]) -> None:
         refuse("rope_interleave", "Megatron's multi-latent attention rotates interleaved pairs")
     if config.get("attention_bias", False):
         refuse("attention_bias", "Megatron's multi-latent attention projections have no bias")
-    if not config.get("norm_topk_prob", True) and int(config.get("num_experts_per_tok") or 1) > 1:
-        refuse("norm_topk_prob", "Megatron's sigmoid router always renormalises the top-k scores")
     rope = hfc.rope_parameters(config)
     if rope["rope_type"] not in ("default", "yarn"):
         raise hfc.HFConfigError(f"deepseek_v3: rope_type {rope['rope_type']!r} is not supported (default, yarn)")
@@ -143,8 +117,6 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
     source's config, when there is one. `num_nextn_predict_layers` is the MTP layer count of `arch`.
     """
     t = arch.transformer
-    first_dense = t["moe_layer_freq"].index(1) if 1 in t["moe_layer_freq"] else t["num_layers"]
-    shared = t.get("moe_shared_expert_intermediate_size") or 0
     out = hfc.decoder_config(arch, source, dtype, dropped=frozenset({"qk_head_dim"}))  # qk_head_dim: derived
     rope: dict[str, Any] = {"rope_theta": arch.rotary_base, "rope_type": "default"}
     if arch.yarn is not None:
@@ -164,15 +136,7 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
         qk_nope_head_dim=t["qk_head_dim"],
         qk_rope_head_dim=t["qk_pos_emb_head_dim"],
         v_head_dim=t["v_head_dim"],
-        moe_intermediate_size=t["moe_ffn_hidden_size"],
-        num_experts_per_tok=t["moe_router_topk"],
-        n_shared_experts=shared // t["moe_ffn_hidden_size"],
-        n_routed_experts=t["num_moe_experts"],
-        routed_scaling_factor=t["moe_router_topk_scaling_factor"],
-        n_group=t.get("moe_router_num_groups") or 1,
-        topk_group=t.get("moe_router_group_topk") or 1,
-        first_k_dense_replace=first_dense,
-        norm_topk_prob=True,
+        **hfc.sigmoid_moe_fields(arch),
         num_nextn_predict_layers=arch.mtp_num_layers,
     )
     return out

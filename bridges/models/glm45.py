@@ -28,40 +28,12 @@ def architecture(config: dict[str, Any]) -> GPTArchitecture:
     """Megatron architecture of an HF `glm4_moe` config (either config style)."""
     req = lambda key: hfc.require(config, key)  # noqa: E731
     transformer, rope = hfc.decoder_preamble(config, MODEL_TYPE, rms_norm_eps=1e-5)
-    if not config.get("norm_topk_prob", True):
-        # Megatron's sigmoid router always renormalises the top-k scores.
-        raise hfc.HFConfigError("glm4_moe: norm_topk_prob=false is not supported by Megatron's sigmoid router")
-
-    num_layers = transformer["num_layers"]
-    num_experts = int(req("n_routed_experts"))
-    first_dense = int(config.get("first_k_dense_replace", 0))
-    shared = int(config.get("n_shared_experts") or 0)
-    moe_ffn = int(req("moe_intermediate_size"))
-    n_group = int(config.get("n_group") or 1)
-    topk, topk_group = int(req("num_experts_per_tok")), int(config.get("topk_group") or 1)
-    if n_group > 1 and topk // topk_group != 2:
-        # HF scores a group by its top-2 experts, Megatron by its top (topk / topk_group).
-        raise hfc.HFConfigError(
-            f"glm4_moe: n_group={n_group} needs num_experts_per_tok / topk_group == 2 (Megatron's group "
-            f"score), got {topk} / {topk_group}"
-        )
     transformer.update(
         add_qkv_bias=bool(config.get("attention_bias", False)),
         qk_layernorm=bool(config.get("use_qk_norm", False)),
-        num_moe_experts=num_experts,
-        moe_ffn_hidden_size=moe_ffn,
-        moe_shared_expert_intermediate_size=shared * moe_ffn if shared else None,
-        moe_layer_freq=[0] * first_dense + [1] * (num_layers - first_dense),
-        moe_router_topk=topk,
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_pre_softmax=False,
-        moe_router_topk_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
-        moe_router_num_groups=n_group if n_group > 1 else None,
-        moe_router_group_topk=topk_group if n_group > 1 else None,
+        **hfc.sigmoid_moe(config, transformer["num_layers"]),
         # GLM-4.5 balances experts with the bias update alone (no auxiliary loss).
         moe_router_load_balancing_type="none",
-        moe_router_bias_update_rate=1e-3,
     )
     return GPTArchitecture(
         transformer=transformer,
@@ -81,8 +53,6 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
     source's config, when there is one. `num_nextn_predict_layers` is the MTP layer count of `arch`.
     """
     t = arch.transformer
-    first_dense = t["moe_layer_freq"].index(1) if 1 in t["moe_layer_freq"] else t["num_layers"]
-    shared = t.get("moe_shared_expert_intermediate_size") or 0
     out = hfc.decoder_config(arch, source, dtype)
     out.update(
         architectures=["Glm4MoeForCausalLM"],
@@ -94,15 +64,7 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
         },
         attention_bias=t["add_qkv_bias"],
         use_qk_norm=t["qk_layernorm"],
-        moe_intermediate_size=t["moe_ffn_hidden_size"],
-        num_experts_per_tok=t["moe_router_topk"],
-        n_shared_experts=shared // t["moe_ffn_hidden_size"],
-        n_routed_experts=t["num_moe_experts"],
-        routed_scaling_factor=t["moe_router_topk_scaling_factor"],
-        n_group=t.get("moe_router_num_groups") or 1,
-        topk_group=t.get("moe_router_group_topk") or 1,
-        first_k_dense_replace=first_dense,
-        norm_topk_prob=True,
+        **hfc.sigmoid_moe_fields(arch),
         num_nextn_predict_layers=arch.mtp_num_layers,
     )
     return out

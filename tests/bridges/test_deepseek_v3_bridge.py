@@ -84,7 +84,9 @@ def test_hf_config_round_trips(fields):
         ({"moe_layer_freq": 2}, "moe_layer_freq"),
         ({"rope_interleave": False}, "rope_interleave"),
         ({"attention_bias": True}, "attention_bias"),
-        ({"norm_topk_prob": False}, "norm_topk_prob"),
+        ({"norm_topk_prob": False}, "norm_topk_prob=false"),
+        # transformers weighs a lone expert 1.0, Megatron by its sigmoid score
+        ({"num_experts_per_tok": 1, "n_group": 1, "topk_group": 1}, "norm_topk_prob=true with num_experts_per_tok=1"),
         ({"topk_group": 2}, "num_experts_per_tok / topk_group == 2"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type 'linear'"),
         ({"rope_scaling": dict(HUB["rope_scaling"], mscale=0)}, "mscale_all_dim without mscale"),
@@ -105,7 +107,7 @@ def test_grouped_router_weights_match_transformers():
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
     hidden = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
-    for fields in (MAIN, VARIANT):
+    for fields in (MAIN, VARIANT, dict(MAIN, num_experts_per_tok=1, norm_topk_prob=False)):
         config = DeepseekV3Config(**fields)
         router = DeepseekV3TopkRouter(config)
         gen = torch.Generator().manual_seed(1)
