@@ -5,6 +5,10 @@ part shared by all heads) on Megatron-Core's MLATransformerConfig; dense first `
 layers, then MoE layers with routed + shared experts, a sigmoid router with expert bias
 (`e_score_correction_bias`), grouped, normalised and scaled top-k; MTP layers (`num_nextn_predict_layers`)
 stored at layer `num_hidden_layers + i` as GLM-4.5 stores them.
+
+Megatron parameter names and tensor-parallel splits are those of Megatron-Core's local layer spec (the down
+projections split over TP, separate q/kv norms); Transformer Engine's MLA spec (norms fused into the up projections,
+down projections replicated) is not mapped.
 """
 
 from __future__ import annotations
