@@ -1,6 +1,6 @@
 """Model FLOPs of one training token (forward + backward = 3x the forward matmuls), for the TFLOP/s metric.
 
-Counts the matmuls of softmax-attention decoders with dense and MoE (routed top-k + shared expert) layers,
+Counts the matmuls of softmax-attention decoders (multi-latent attention included) with dense and MoE (routed top-k + shared expert) layers,
 causal attention over the whole sequence, the output layer and MTP layers. Families whose cost this formula
 does not describe (linear attention, a vision tower) get None: no TFLOP/s rather than a wrong one.
 """
@@ -13,9 +13,12 @@ def training_flops_per_token(arch, seq_length: int) -> float | None:
     if t.get("experimental_attention_variant") or t.get("linear_attention_freq") or "vision" in arch.extra:
         return None
     hidden, layers = t["hidden_size"], t["num_layers"]
-    q_width = t["num_attention_heads"] * t["kv_channels"]
-    kv_width = 2 * t["num_query_groups"] * t["kv_channels"]
-    attention = 2 * hidden * (q_width + kv_width) + 2 * q_width * hidden + 2 * seq_length * q_width  # causal: half
+    if t.get("multi_latent_attention"):
+        attention = _multi_latent_attention(t, seq_length)
+    else:
+        q_width = t["num_attention_heads"] * t["kv_channels"]
+        kv_width = 2 * t["num_query_groups"] * t["kv_channels"]
+        attention = 2 * hidden * (q_width + kv_width) + 2 * q_width * hidden + 2 * seq_length * q_width  # causal: half
     matrices = 3 if t.get("gated_linear_unit") else 2  # gate, up, down
     experts = t.get("num_moe_experts") or 0
     freq = t.get("moe_layer_freq")
@@ -32,3 +35,14 @@ def training_flops_per_token(arch, seq_length: int) -> float | None:
     mtp = arch.mtp_num_layers * (2 * 2 * hidden * hidden + attention + (moe_mlp or dense_mlp) + logits)
     forward = decoder_layer_mean * layers + logits + mtp
     return 3.0 * forward
+
+
+def _multi_latent_attention(t: dict, seq_length: int) -> float:
+    """Multi-latent attention: the low-rank query (or full) and key/value projections, the output projection, and
+    causal scores over query/key heads of nope + rope dims and value heads of v dims."""
+    hidden, heads = t["hidden_size"], t["num_attention_heads"]
+    qk, v, q_rank = t["qk_head_dim"] + t["qk_pos_emb_head_dim"], t["v_head_dim"], t.get("q_lora_rank")
+    query = 2 * hidden * heads * qk if not q_rank else 2 * hidden * q_rank + 2 * q_rank * heads * qk
+    key_value = 2 * hidden * (t["kv_lora_rank"] + t["qk_pos_emb_head_dim"])
+    key_value += 2 * t["kv_lora_rank"] * heads * (t["qk_head_dim"] + v)
+    return query + key_value + 2 * heads * v * hidden + seq_length * heads * (qk + v)  # scores: causal half of 2 + 2

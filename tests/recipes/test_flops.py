@@ -26,11 +26,15 @@ def _counted(name: str) -> float:
         if p.dim() < 2 or "bias" in param_name or "embed_tokens" in param_name:
             continue  # norms, biases, sinks: no matmul; the embedding is a lookup
         weights += p.numel() * (config.num_experts_per_tok / experts if ".experts." in param_name else 1)
-    scores = 2 * SEQ * config.num_attention_heads * config.head_dim * config.num_hidden_layers  # QK^T and AV, causal
+    if getattr(config, "kv_lora_rank", None):  # multi-latent attention: QK^T over nope + rope dims, AV over v dims
+        head_dims = (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) / 2
+    else:
+        head_dims = config.head_dim
+    scores = 2 * SEQ * config.num_attention_heads * head_dims * config.num_hidden_layers  # QK^T and AV, causal
     return 3 * (2 * weights + scores)
 
 
-@pytest.mark.parametrize("name", ["glm45_tiny", "gpt_oss_tiny", "qwen3_moe_tiny"])
+@pytest.mark.parametrize("name", ["glm45_tiny", "gpt_oss_tiny", "qwen3_moe_tiny", "deepseek_v3_tiny"])
 def test_flops_per_token_match_the_transformers_model(name):
     config = hf_config.load_config(os.path.join(ROOT, "conf/model", name))
     arch = family_for(config).architecture(config).without_mtp()  # transformers builds no MTP layer
