@@ -139,4 +139,7 @@ def test_wandb_node_builds_an_offline_logger_when_wandb_is_installed(tmp_path):
     assert OmegaConf.to_container(node)["save_dir"] == "${hydra:runtime.output_dir}"  # the run directory
     pytest.importorskip("wandb")  # not a test dependency: the `loggers` extra
     logger = instantiate(node, save_dir=str(tmp_path), name="gpt_oss", offline=True)
-    assert type(logger).__name__ == "WandbLogger" and logger.name == "gpt_oss"
+    assert type(logger).__name__ == "WandbLogger" and logger.name == "moe-hf-bridge"  # the project
+    logger.log_metrics({"train/lm_loss": 5.0}, step=1)
+    logger.experiment.finish()
+    assert [p.name for p in (tmp_path / "wandb").glob("offline-run-*")], "no offline run written"
