@@ -97,7 +97,7 @@ def test_precision_names_come_from_the_one_table(monkeypatch):
 
 
 def test_end_to_end_one_line_and_exit_status_2(tmp_path):
-    done = run_train(tmp_path, "data.micro_batch_size=-2", timeout=120)
+    done = run_train(tmp_path, "data.micro_batch_size=-2", timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and lines == ["error: data.micro_batch_size: must be >= 1, got -2"], done.stderr[-2000:]
     assert "Traceback" not in done.stderr

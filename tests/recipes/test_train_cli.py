@@ -47,7 +47,7 @@ def test_validate_mode_reports_val_loss_without_mtp(tmp_path):
     ids=["ep-vs-experts", "world-vs-layout", "pp-vs-layers", "missing-data", "batch", "missing-config", "expert-bias-etp"],
 )
 def test_bad_values_fail_fast_with_one_line(tmp_path, overrides, message):
-    done = train(tmp_path, *overrides, timeout=120)
+    done = train(tmp_path, *overrides, timeout=300)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
