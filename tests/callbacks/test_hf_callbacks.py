@@ -28,10 +28,10 @@ def _fit(hf_config, dirpath, tp=1, ep=2, steps=6, every=3, lr=3e-3, import_path=
     from callbacks.hf_import import HFImportCallback
     from recipes.data import TokenDataModule
     from recipes.strategy import MegatronStrategy
-    from recipes.vlm_module import module_class_for
+    from recipes.vlm_module import megatron_module
 
-    module = module_class_for(hf_config)(hf_config, mtp_enabled=mtp, micro_batch_size=2, params_dtype=precision,
-                                         optim={"lr": lr, "min_lr": lr, "warmup_steps": 0})
+    module = megatron_module(hf_config, mtp_enabled=mtp, micro_batch_size=2, params_dtype=precision,
+                             optim={"lr": lr, "min_lr": lr, "warmup_steps": 0})
     data = TokenDataModule(kind="synthetic", seq_length=16, micro_batch_size=2, global_batch_size=4, num_samples=64)
     data.vocab_size = module.arch.vocab_size
     logits, first_steps = {}, []
