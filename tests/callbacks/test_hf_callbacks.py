@@ -150,10 +150,10 @@ def _one_rank_cannot_open(source, tmp):
 
     original = hf_import.open_checkpoint
 
-    def failing(directory, family):
+    def failing(directory, *args):
         if dist.get_rank() == 1:
             raise CheckpointFileError(f"{directory}/tokenizer.json: injected on rank 1")
-        return original(directory, family)
+        return original(directory, *args)
 
     hf_import.open_checkpoint = failing
     try:
