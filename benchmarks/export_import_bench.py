@@ -169,7 +169,7 @@ def measure(case: str, layout_kwargs: dict, scratch: str, repeats: int, durable_
     trainer = SimpleNamespace(global_step=0, global_rank=rank, world_size=world, loggers=[], datamodule=None,
                               default_root_dir=os.path.join(scratch, case), strategy=SimpleNamespace(layout=layout))
     module = SimpleNamespace(hf_source=None, params_dtype=torch.float32, arch=arch, family=glm45, model=model,
-                             mtp_enabled=True)
+                             mtp_enabled=True, gather_updated_params=lambda: None)
     callback = HFExportCallback(dirpath=os.path.join(scratch, f"{case}_callback"), save_last=False)
     callback.on_fit_start(trainer, module)
     write_cpu: list[float] = []  # CPU seconds of each export's write (the writer thread's, async)

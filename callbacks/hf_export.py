@@ -202,6 +202,7 @@ class HFExportCallback(pl.Callback):
                                                     f"not written by this run; not replaced"), None)
             return
         job, error = None, None
+        pl_module.gather_updated_params()  # the weights after step N on every rank, not only its own shard
         try:
             job = self._prepare(trainer, pl_module, step, final)
         except Exception as e:  # agreed by every rank before anyone writes or raises

@@ -87,6 +87,14 @@ class MegatronGPTModule(pl.LightningModule):
         if self.trainer.optimizers:
             self.trainer.optimizers[0].reload_model_params()
 
+    def gather_updated_params(self) -> None:
+        """Make this rank's parameters current before something reads them between steps (an HF export).
+        With `ddp.overlap_param_gather`, Megatron's DDP all-gathers the shards the distributed optimizer updated
+        only at the next forward, so until then a rank holds last step's values of its peers' shards. Collective
+        over the data-parallel groups (every rank exports at the same step); the next forward skips its gather."""
+        if self.ddp_model is not None and self.ddp_model.ddp_config.overlap_param_gather:
+            self.ddp_model.start_param_sync(force_sync=True)
+
     def on_save_checkpoint(self, checkpoint) -> None:
         checkpoint["consumed_samples"] = self.global_step * self.trainer.datamodule.global_batch_size
 
