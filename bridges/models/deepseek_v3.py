@@ -21,9 +21,8 @@ from bridges.architecture import GPTArchitecture, YarnScaling
 from bridges.checkpoint import hf_config as hfc
 from bridges.models.family import Family, MTPNaming
 from bridges.rules.expert_layouts import ExpertLayout
-from bridges.rules.groups import embeddings_and_head, gated_mlp, layer_norms, routed_experts, router
-from bridges.rules.local_params import MTP_INNER
-from bridges.rules.rule import Ignore, Rule, RuleSet, same
+from bridges.rules.groups import decoder_with_trailing_mtp, gated_mlp, layer_norms, routed_experts, router
+from bridges.rules.rule import Rule, RuleSet, same
 from bridges.rules.sharding import COLUMN, ROW
 
 MODEL_TYPE = "deepseek_v3"
@@ -152,27 +151,9 @@ def hf_config(arch: GPTArchitecture, source: dict[str, Any] | None = None, dtype
 def rules(arch: GPTArchitecture, expert_layout: ExpertLayout = ExpertLayout.PER_EXPERT) -> RuleSet:
     """The complete rule table of a DeepSeek-V3 model built as `arch` (global names, every layer)."""
     s = _Shapes(arch)
-    n, mtp = arch.num_layers, arch.mtp_num_layers
-    mtp_hf = [f"model.layers.{n + i}." for i in range(mtp)]
-    # Servers read the MTP layer's own embedding and head: copies of the main ones.
-    table, ignored = embeddings_and_head(arch, "model.", embed_mirrors=tuple(h + "embed_tokens.weight" for h in mtp_hf),
-                                         head_mirrors=tuple(h + "shared_head.head.weight" for h in mtp_hf))
     moe_layer = arch.transformer["moe_layer_freq"]
-    for layer in range(n):
-        table += _layer(s, f"decoder.layers.{layer}.", f"model.layers.{layer}.", moe_layer[layer], expert_layout)
-    for i, h in enumerate(mtp_hf):
-        m = f"mtp.layers.{i}."
-        table += [
-            same(m + "enorm.weight",           h + "enorm.weight",            s.norm),
-            same(m + "hnorm.weight",           h + "hnorm.weight",            s.norm),
-            same(m + "eh_proj.weight",         h + "eh_proj.weight",          s.eh_proj, COLUMN),
-            same(m + "final_layernorm.weight", h + "shared_head.norm.weight", s.norm),
-        ]
-        # Megatron builds the MTP inner layer like the last decoder layer.
-        table += _layer(s, m + MTP_INNER + ".", h, moe_layer[-1], expert_layout)
-    ignored.append(Ignore(r"model\.layers\.(\d+)\..*",
-                          "MTP disabled" if not mtp else f"MTP layer not built (model has {mtp})",
-                          when=lambda m: int(m[1]) >= n + mtp))
+    table, ignored = decoder_with_trailing_mtp(
+        arch, "model.", lambda m, h, i: _layer(s, m, h, moe_layer[i], expert_layout))
     return RuleSet(table, ignored_hf=ignored)
 
 
@@ -218,7 +199,7 @@ class _Shapes:
 
     def __init__(self, arch: GPTArchitecture):
         self.transformer = t = arch.transformer
-        self.hidden = hidden = t["hidden_size"]
+        self.hidden = t["hidden_size"]
         heads = t["num_attention_heads"]
         self.q_lora, self.kv_lora = t["q_lora_rank"], t["kv_lora_rank"]
         self.q_out = heads * (t["qk_head_dim"] + t["qk_pos_emb_head_dim"])
@@ -227,8 +208,6 @@ class _Shapes:
         self.o_in = heads * t["v_head_dim"]
         self.experts = t["num_moe_experts"]
         self.shared = t.get("moe_shared_expert_intermediate_size")
-        self.norm = (hidden,)
-        self.eh_proj = (hidden, 2 * hidden)
 
 
 FAMILY = Family(MODEL_TYPE, architecture, hf_config, rules,

@@ -4,14 +4,15 @@ parameters where families differ (Mixtral's `w1/w3/w2`). Pure functions of names
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import re
+from typing import Callable, NamedTuple
 
 import torch
 
 from bridges.architecture import GPTArchitecture
 from bridges.rules import ops
 from bridges.rules.expert_layouts import ExpertLayout
-from bridges.rules.local_params import EMBEDDING, OUTPUT
+from bridges.rules.local_params import EMBEDDING, MTP_INNER, OUTPUT
 from bridges.rules.rule import Ignore, Rule, Shape, same
 from bridges.rules.sharding import COLUMN, HEADS, REPLICATED, ROW, Sharding, vocab_parallel
 
@@ -94,6 +95,37 @@ def embeddings_and_head(
     if tied:
         return table, [Ignore(r"lm_head\.weight", f"tied to {prefix}embed_tokens.weight")]
     return table + [same(OUTPUT, "lm_head.weight", vocab, shard, mirrors=head_mirrors)], []
+
+
+def decoder_with_trailing_mtp(
+    arch: GPTArchitecture, prefix: str, layer: Callable[[str, str, int], list[Rule]]
+) -> tuple[list[Rule], list[Ignore]]:
+    """(rules, ignored HF names) of a decoder whose MTP layers are stored after its last layer, as
+    `<prefix>layers.<num_hidden_layers + i>` (GLM-4.5, DeepSeek-V3): the embedding, final norm and head (the MTP
+    layers' own copies of the embedding and head as mirrors servers read), every decoder layer, and each MTP
+    layer's norms, projection and inner layer, built by Megatron like the last decoder layer. `layer(m, h, i)`:
+    the rules of decoder layer i under Megatron prefix m and HF prefix h. Stored layers beyond the model's are
+    ignored with the reason (MTP off, or fewer MTP layers built)."""
+    n, mtp = arch.num_layers, arch.mtp_num_layers
+    hidden = arch.transformer["hidden_size"]
+    mtp_hf = [f"{prefix}layers.{n + i}." for i in range(mtp)]
+    table, ignored = embeddings_and_head(arch, prefix, embed_mirrors=tuple(h + "embed_tokens.weight" for h in mtp_hf),
+                                         head_mirrors=tuple(h + "shared_head.head.weight" for h in mtp_hf))
+    for i in range(n):
+        table += layer(f"decoder.layers.{i}.", f"{prefix}layers.{i}.", i)
+    for i, h in enumerate(mtp_hf):
+        m = f"mtp.layers.{i}."
+        table += [
+            same(m + "enorm.weight",           h + "enorm.weight",            (hidden,)),
+            same(m + "hnorm.weight",           h + "hnorm.weight",            (hidden,)),
+            same(m + "eh_proj.weight",         h + "eh_proj.weight",          (hidden, 2 * hidden), COLUMN),
+            same(m + "final_layernorm.weight", h + "shared_head.norm.weight", (hidden,)),
+        ]
+        table += layer(m + MTP_INNER + ".", h, n - 1)
+    ignored.append(Ignore(re.escape(prefix) + r"layers\.(\d+)\..*",
+                          "MTP disabled" if not mtp else f"MTP layer not built (model has {mtp})",
+                          when=lambda match: int(match[1]) >= n + mtp))
+    return table, ignored
 
 
 def layer_norms(m: str, h: str, hidden: int, names: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")
