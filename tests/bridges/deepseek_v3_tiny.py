@@ -6,7 +6,7 @@ grouped top-k (4 groups, top-2 groups, 4 experts), two shared experts, tied embe
 
 from __future__ import annotations
 
-from tests.bridges.glm45_tiny import MTP, fuse_experts, save_with_mtp  # noqa: F401 - fuse_experts: for the tests
+from tests.bridges.glm45_tiny import MTP, save_with_mtp
 
 LAYERS = 3  # 1 dense + 2 MoE
 

@@ -39,6 +39,28 @@ def reference(directory: str, ids: torch.Tensor) -> tuple[str, torch.Tensor, tor
         return directory, ids, AutoModelForCausalLM.from_pretrained(directory).eval()(ids).logits
 
 
+def tiny_checkpoints(root, make_checkpoint, main: dict, variant: dict, fused_experts: int | None = None) -> dict:
+    """{case: (directory, token ids, transformers logits)} of a family's tiny "main" and "variant" checkpoints
+    (seeds 0 and 1) under `root`; with `fused_experts`, also "fused": main's weights with its experts fused."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.bridges.glm45_tiny import fuse_experts
+
+    ids = torch.randint(0, 101, (3, 16), generator=torch.Generator().manual_seed(7))
+    out = {}
+    for seed, (case, fields) in enumerate((("main", main), ("variant", variant))):
+        make_checkpoint(str(root / case), seed=seed, **fields)
+        out[case] = reference(str(root / case), ids)
+    if fused_experts:
+        fused = root / "fused"
+        fused.mkdir()
+        (fused / "config.json").write_text((root / "main" / "config.json").read_text())
+        tensors = fuse_experts(load_file(str(root / "main" / "model.safetensors")), fused_experts)
+        save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
+        out["fused"] = (str(fused), ids, out["main"][2])
+    return out
+
+
 def layout_and_specs(family, directory: str):
     """The expert layout `family` finds in the checkpoint at `directory`, once the export's tensor specs in that layout
     (computed from the config alone) were found to be exactly the checkpoint's names, shapes and dtypes."""

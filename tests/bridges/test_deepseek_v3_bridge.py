@@ -11,8 +11,8 @@ import torch
 
 from bridges.checkpoint import hf_config as hfc
 from bridges.models import deepseek_v3
-from tests.bridges.deepseek_v3_tiny import MAIN, VARIANT, fuse_experts, make_checkpoint
-from tests.bridges.family_checks import check_round_trips, layout_and_specs, reference
+from tests.bridges.deepseek_v3_tiny import MAIN, VARIANT, make_checkpoint
+from tests.bridges.family_checks import check_round_trips, layout_and_specs, tiny_checkpoints
 
 # DeepSeek-V3's hub config.json (transformers 4 era), less its fp8 quantization_config.
 HUB = {
@@ -131,21 +131,8 @@ def test_grouped_router_weights_match_transformers():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{case: (directory, token ids, transformers logits)}; "fused" holds MAIN's weights with fused experts."""
-    from safetensors.torch import load_file, save_file
-
-    root = tmp_path_factory.mktemp("deepseek_v3")
-    ids = torch.randint(0, 101, (3, 16), generator=torch.Generator().manual_seed(7))
-    out = {}
-    for case, fields in (("main", MAIN), ("variant", VARIANT)):
-        make_checkpoint(str(root / case), seed=len(out), **fields)
-        out[case] = reference(str(root / case), ids)
-    fused = root / "fused"
-    fused.mkdir()
-    (fused / "config.json").write_text((root / "main" / "config.json").read_text())
-    tensors = fuse_experts(load_file(str(root / "main" / "model.safetensors")), MAIN["n_routed_experts"])
-    save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
-    out["fused"] = (str(fused), ids, out["main"][2])
-    return out
+    return tiny_checkpoints(tmp_path_factory.mktemp("deepseek_v3"), make_checkpoint, MAIN, VARIANT,
+                            fused_experts=MAIN["n_routed_experts"])
 
 
 def test_world_2_ep1_ep2_tp2_pp2(checkpoints, tmp_path):

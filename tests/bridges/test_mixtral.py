@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bridges.checkpoint import hf_config as hfc
 from bridges.models import family_for, mixtral
-from tests.bridges.family_checks import check_round_trips, check_softmax_router, layout_and_specs, reference
+from tests.bridges.family_checks import check_round_trips, check_softmax_router, layout_and_specs, tiny_checkpoints
 from tests.bridges.mixtral_tiny import MAIN, VARIANT, make_checkpoint
 
 # Mixtral-8x7B-v0.1 as its hub config.json spells it, transformers 4 era.
@@ -125,13 +125,7 @@ def test_unsupported_configs_are_refused(fields, words):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{case: (directory, token ids, transformers logits)}."""
-    root = tmp_path_factory.mktemp("mixtral")
-    ids = torch.randint(0, 101, (3, 16), generator=torch.Generator().manual_seed(7))
-    out = {}
-    for seed, (case, fields) in enumerate((("main", MAIN), ("variant", VARIANT))):
-        make_checkpoint(str(root / case), seed=seed, **fields)
-        out[case] = reference(str(root / case), ids)
-    return out
+    return tiny_checkpoints(tmp_path_factory.mktemp("mixtral"), make_checkpoint, MAIN, VARIANT)
 
 
 def test_world_2_ep1_ep2_tp2_pp2(checkpoints, tmp_path):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from bridges.checkpoint import hf_config as hfc
 from bridges.models import qwen3_moe
-from tests.bridges.family_checks import check_round_trips, check_softmax_router, layout_and_specs, reference
+from tests.bridges.family_checks import check_round_trips, check_softmax_router, layout_and_specs, tiny_checkpoints
 from tests.bridges.qwen3_moe_tiny import MAIN, VARIANT, make_checkpoint
 
 # Qwen3-30B-A3B as its hub config.json spells it, transformers 4 era.
@@ -157,23 +157,8 @@ def test_top_1_without_renormalisation_translates():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{case: (directory, token ids, transformers logits)}; "fused" holds MAIN's weights with fused experts."""
-    from safetensors.torch import load_file, save_file
-
-    from tests.bridges.glm45_tiny import fuse_experts
-
-    root = tmp_path_factory.mktemp("qwen3_moe")
-    ids = torch.randint(0, 101, (3, 16), generator=torch.Generator().manual_seed(7))
-    out = {}
-    for case, fields in (("main", MAIN), ("variant", VARIANT)):
-        make_checkpoint(str(root / case), seed=len(out), **fields)
-        out[case] = reference(str(root / case), ids)
-    fused = root / "fused"
-    fused.mkdir()
-    (fused / "config.json").write_text((root / "main" / "config.json").read_text())
-    tensors = fuse_experts(load_file(str(root / "main" / "model.safetensors")), MAIN["num_experts"])
-    save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
-    out["fused"] = (str(fused), ids, out["main"][2])
-    return out
+    return tiny_checkpoints(tmp_path_factory.mktemp("qwen3_moe"), make_checkpoint, MAIN, VARIANT,
+                            fused_experts=MAIN["num_experts"])
 
 
 def test_world_2_ep1_ep2_pp2(checkpoints, tmp_path):
